@@ -1,0 +1,257 @@
+"""The ray engine: one place where rays are clipped to the volume and their line integrals computed.
+
+Every renderer of xraypose goes through :func:`integrate_rays`. It takes rays in continuous voxel-index
+coordinates and returns, per ray and channel, ``∫_{t0}^{t1} vol(src + t·dirv) dt`` (the caller scales by the
+ray length in mm). Two interchangeable backends compute it:
+
+* ``"fused"`` — Numba kernels (:mod:`.trilinear`, :mod:`.siddon`), multithreaded over rays, with their own
+  analytic backward (pose and volume gradients). CPU tensors only.
+* ``"reference"`` — readable pure PyTorch, differentiated by autograd (also twice); runs on any device.
+
+``backend="auto"`` picks ``"fused"`` for CPU tensors unless a higher-order gradient is requested, and
+``"reference"`` elsewhere (see ``docs/design.md`` for why the kernels are Numba).
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Literal
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from . import siddon as _siddon
+from . import trilinear as _trilinear
+
+__all__ = ["Backend", "Method", "box_intersection", "integrate_rays"]
+
+Method = Literal["siddon", "trilinear"]
+Backend = Literal["auto", "fused", "reference"]
+METHODS: tuple[str, ...] = ("siddon", "trilinear")
+BACKENDS: tuple[str, ...] = ("auto", "fused", "reference")
+
+
+def box_intersection(
+    src: torch.Tensor, dirv: torch.Tensor, shape: tuple[int, int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Parameters ``t0 ≤ t1`` where rays ``src + t·dirv`` cross the voxel box ``[-½, n-½]³``, clipped to [0, 1].
+
+    Differentiable w.r.t. ``src`` and ``dirv`` (piecewise, like the slab method it implements). Rays that miss
+    the box get ``t0 = t1``.
+    """
+    lo = torch.full((3,), -0.5, dtype=src.dtype, device=src.device)
+    hi = torch.tensor(shape, dtype=src.dtype, device=src.device) - 0.5
+    parallel = dirv == 0
+    safe = torch.where(parallel, torch.ones_like(dirv), dirv)
+    ta = (lo - src) / safe
+    tb = (hi - src) / safe
+    tmin = torch.minimum(ta, tb)
+    tmax = torch.maximum(ta, tb)
+    inside = (src >= lo) & (src <= hi)
+    big = float("inf")
+    # An axis the ray is parallel to does not bound t when the ray lies inside that slab, and empties the
+    # interval when it does not.
+    tmin = torch.where(parallel, torch.where(inside, -big, big), tmin)
+    tmax = torch.where(parallel, torch.where(inside, big, -big), tmax)
+    t0 = tmin.amax(-1).clamp(0.0, 1.0)
+    t1 = tmax.amin(-1).clamp(0.0, 1.0)
+    t1 = torch.maximum(t0, t1)
+    return t0, t1
+
+
+def _identity(t: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """The tensor owning ``t``'s memory and a key describing the view (shared by all equal views)."""
+    base = t._base if t._base is not None else t
+    return base, (t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t._version)
+
+
+class _LayoutCache:
+    """Remembers contiguous axis-permuted copies of volumes (the marching axis is made the fastest).
+
+    Entries are keyed by the tensor that owns the memory (held weakly), the view's geometry, its version
+    counter (bumped by in-place edits) and the permutation, so a stale copy is never returned.
+    """
+
+    def __init__(self, capacity: int = 6) -> None:
+        self._entries: list[tuple[weakref.ref, tuple, tuple, np.ndarray]] = []
+        self._capacity = capacity
+        self._lock = threading.Lock()
+
+    def get(self, vol: torch.Tensor, perm: tuple[int, ...], pad: bool) -> np.ndarray:
+        """``vol`` permuted by ``perm``, C-contiguous, and padded for the trilinear kernels when ``pad``."""
+
+        def make() -> np.ndarray:
+            arr = np.ascontiguousarray(vol.detach().permute(*perm).numpy())
+            return _trilinear.pad_volume(arr) if pad else arr
+
+        if not pad and perm == tuple(range(vol.ndim)) and vol.is_contiguous():
+            return vol.detach().numpy()
+        if vol.requires_grad:  # a volume being optimised changes every step: nothing to re-use
+            return make()
+        base, key = _identity(vol)
+        with self._lock:
+            for ref, k, p, arr in self._entries:
+                if ref() is base and k == key and p == (perm, pad):
+                    return arr
+        arr = make()
+        with self._lock:
+            self._entries = [e for e in self._entries if e[0]() is not None]
+            self._entries.append((weakref.ref(base), key, (perm, pad), arr))
+            if len(self._entries) > self._capacity:
+                self._entries.pop(0)
+        return arr
+
+
+_LAYOUTS = _LayoutCache()
+
+
+def _marching_perm(dirv: torch.Tensor) -> tuple[int, ...]:
+    """Spatial-axis order putting the dominant marching axis last (contiguous in memory)."""
+    axis = int(dirv.detach().abs().mean(0).argmax()) if dirv.shape[0] else 2
+    spatial = [a for a in (0, 1, 2) if a != axis] + [axis]
+    return tuple(spatial)
+
+
+class _FusedIntegral(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, method, vol, src, dirv, t0, t1, nsamp):  # type: ignore[override]
+        perm = _marching_perm(dirv)
+        vperm = (0, *(p + 1 for p in perm))
+        dtype = vol.dtype
+        vol_np = _LAYOUTS.get(vol, vperm, pad=method == "trilinear")
+        src_np = np.ascontiguousarray(src.detach().to(dtype)[:, list(perm)].numpy())
+        dir_np = np.ascontiguousarray(dirv.detach().to(dtype)[:, list(perm)].numpy())
+        t0_np = t0.detach().to(dtype).contiguous().numpy()
+        t1_np = t1.detach().to(dtype).contiguous().numpy()
+        out = np.empty((src_np.shape[0], vol.shape[0]), dtype=vol_np.dtype)
+        if method == "trilinear":
+            n_np = nsamp.to(torch.int32).contiguous().numpy()
+            _trilinear.trilinear_forward(vol_np, src_np, dir_np, t0_np, t1_np, n_np, out)
+        else:
+            n_np = None
+            _siddon.siddon_forward(vol_np, src_np, dir_np, t0_np, t1_np, out)
+        ctx.method = method
+        ctx.perm = perm
+        ctx.vperm = vperm
+        ctx.arrays = (vol_np, src_np, dir_np, t0_np, t1_np, n_np)
+        ctx.vol_shape = tuple(vol.shape)
+        ctx.dtypes = (src.dtype, dirv.dtype, t0.dtype, t1.dtype)
+        return torch.from_numpy(out)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):  # type: ignore[override]
+        vol_np, src_np, dir_np, t0_np, t1_np, n_np = ctx.arrays
+        go = np.ascontiguousarray(grad_out.detach().to(torch.from_numpy(vol_np[:0, 0, 0, 0]).dtype).numpy())
+        inv = np.argsort(ctx.perm)
+        need_vol, need_src, need_dir, need_t0, need_t1 = ctx.needs_input_grad[1:6]
+        g_vol = g_src = g_dir = g_t0 = g_t1 = None
+        if need_src or need_dir or need_t0 or need_t1:
+            gs = np.empty_like(src_np)
+            gd = np.empty_like(dir_np)
+            g0 = np.empty_like(t0_np)
+            g1 = np.empty_like(t1_np)
+            if ctx.method == "trilinear":
+                _trilinear.trilinear_backward(vol_np, src_np, dir_np, t0_np, t1_np, n_np, go, gs, gd, g0, g1)
+            else:
+                _siddon.siddon_backward(vol_np, src_np, dir_np, t0_np, t1_np, go, gs, gd, g0, g1)
+            g_src = torch.from_numpy(gs[:, inv]).to(ctx.dtypes[0]) if need_src else None
+            g_dir = torch.from_numpy(gd[:, inv]).to(ctx.dtypes[1]) if need_dir else None
+            g_t0 = torch.from_numpy(g0).to(ctx.dtypes[2]) if need_t0 else None
+            g_t1 = torch.from_numpy(g1).to(ctx.dtypes[3]) if need_t1 else None
+        if need_vol:
+            if ctx.method == "trilinear":
+                shape = (vol_np.shape[0], *(n - 2 for n in vol_np.shape[1:]))  # unpadded
+                gv = _trilinear.trilinear_backward_volume(shape, src_np, dir_np, t0_np, t1_np, n_np, go)
+            else:
+                gv = np.zeros(vol_np.shape, dtype=vol_np.dtype)
+                _siddon.siddon_backward_volume(src_np, dir_np, t0_np, t1_np, go, gv)
+            g_vol = torch.from_numpy(gv).permute(*np.argsort(ctx.vperm).tolist()).contiguous()
+        return None, g_vol, g_src, g_dir, g_t0, g_t1, None
+
+
+def _reference(
+    method: str,
+    vol: torch.Tensor,
+    src: torch.Tensor,
+    dirv: torch.Tensor,
+    t0: torch.Tensor,
+    t1: torch.Tensor,
+    nsamp: torch.Tensor | None,
+    chunk: int,
+) -> torch.Tensor:
+    outs = []
+    for start in range(0, src.shape[0], chunk):
+        sl = slice(start, start + chunk)
+        if method == "trilinear":
+            assert nsamp is not None
+            outs.append(_trilinear.trilinear_reference(vol, src[sl], dirv[sl], t0[sl], t1[sl], nsamp[sl]))
+        else:
+            outs.append(_siddon.siddon_reference(vol, src[sl], dirv[sl], t0[sl], t1[sl]))
+    if not outs:
+        return vol.new_zeros((0, vol.shape[0]))
+    return torch.cat(outs, 0)
+
+
+def integrate_rays(
+    vol: torch.Tensor,
+    src: torch.Tensor,
+    dirv: torch.Tensor,
+    t0: torch.Tensor,
+    t1: torch.Tensor,
+    *,
+    method: Method = "trilinear",
+    nsamp: torch.Tensor | None = None,
+    backend: Backend = "auto",
+    chunk: int = 4096,
+) -> torch.Tensor:
+    """Integrate ``vol`` (C, I, J, K) along rays given in voxel-index coordinates → ``(R, C)``.
+
+    Args:
+        vol: values per voxel and channel (e.g. attenuation in 1/mm), float32 or float64.
+        src, dirv: ``(R, 3)`` ray origins and directions (index units); points are ``src + t·dirv``.
+        t0, t1: ``(R,)`` integration interval (see :func:`box_intersection`).
+        method: ``"siddon"`` (exact for voxel cells) or ``"trilinear"`` (midpoint rule on the trilinear
+            interpolant, ``nsamp`` samples per ray).
+        nsamp: ``(R,)`` integer samples per ray (trilinear only).
+        backend: ``"auto"``, ``"fused"`` or ``"reference"``.
+        chunk: rays per chunk on the reference backend (bounds its memory).
+    Returns:
+        ``(R, C)`` integrals in the t-parameter.
+    """
+    if method not in METHODS:
+        raise InputError(f"method: expected one of {METHODS}, got {method!r}")
+    if backend not in BACKENDS:
+        raise InputError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if method == "trilinear" and nsamp is None:
+        raise InputError("nsamp: required for the trilinear method")
+    if backend == "auto":
+        backend = "fused" if vol.device.type == "cpu" and not _needs_create_graph() else "reference"
+    if backend == "fused":
+        if vol.device.type != "cpu":
+            raise InputError(f"backend='fused' runs on CPU tensors; got a volume on {vol.device}")
+        return _FusedIntegral.apply(method, vol, src, dirv, t0, t1, nsamp)
+    return _reference(method, vol, src, dirv, t0, t1, nsamp, chunk)
+
+
+_CREATE_GRAPH = threading.local()
+
+
+def _needs_create_graph() -> bool:
+    return bool(getattr(_CREATE_GRAPH, "value", False))
+
+
+class double_differentiable:
+    """Context manager: renders inside it use the autograd reference path, differentiable twice.
+
+    Needed for losses built from gradients of the rendering (e.g. ProST's double-backward training).
+    """
+
+    def __enter__(self) -> None:
+        self._prev = _needs_create_graph()
+        _CREATE_GRAPH.value = True
+
+    def __exit__(self, *exc: object) -> None:
+        _CREATE_GRAPH.value = self._prev

@@ -17,7 +17,16 @@ import torch.nn.functional as F
 
 from ..errors import GeometryError, InputError
 from ..geometry.camera import Camera, Intrinsics, validate_pixels, validate_pose
-from .engine import BACKENDS, METHODS, Backend, Method, _identity, box_intersection, integrate_rays
+from .engine import (
+    BACKENDS,
+    METHODS,
+    Backend,
+    Method,
+    _identity,
+    box_intersection,
+    integrate_rays,
+    support_box,
+)
 
 __all__ = [
     "DRR",
@@ -136,6 +145,34 @@ def _block_centre_matrix(factors: tuple[int, int, int], like: torch.Tensor) -> t
 _PYRAMIDS = _PyramidCache()
 
 
+class _SupportCache:
+    """Non-zero bounding boxes of volumes (see :func:`support_box`), keyed like the other caches."""
+
+    def __init__(self, capacity: int = 8) -> None:
+        self._entries: list[tuple[weakref.ref, tuple, object]] = []
+        self._capacity = capacity
+        self._lock = threading.Lock()
+
+    def get(self, density: torch.Tensor):
+        if density.requires_grad:  # an optimised volume may grow into empty space
+            return None
+        base, key = _identity(density)
+        with self._lock:
+            for ref, k, box in self._entries:
+                if ref() is base and k == key:
+                    return box
+        box = support_box(density)
+        with self._lock:
+            self._entries = [e for e in self._entries if e[0]() is not None]
+            self._entries.append((weakref.ref(base), key, box))
+            if len(self._entries) > self._capacity:
+                self._entries.pop(0)
+        return box
+
+
+_SUPPORTS = _SupportCache()
+
+
 def _pixel_footprint(camera: Camera, affine: torch.Tensor, shape: tuple[int, ...]) -> float:
     """Smallest pixel footprint (mm) at the volume: pixel size × (distance to the box's nearest point) / sdd."""
     k = camera.intrinsics
@@ -242,7 +279,8 @@ def render(
     n_rays = dir_idx.shape[1]
     src_r = src_idx[:, None, :].expand(-1, n_rays, -1).reshape(-1, 3)
     dir_r = dir_idx.reshape(-1, 3)
-    t0, t1 = box_intersection(src_r, dir_r, shape)  # type: ignore[arg-type]
+    # Empty-space skipping: integrate only where the volume is non-zero (exact: zeros add nothing).
+    t0, t1 = box_intersection(src_r, dir_r, shape, _SUPPORTS.get(density))  # type: ignore[arg-type]
     ray_mm = (dir_r @ affine[:3, :3].T).norm(dim=-1)  # mm per unit t
     nsamp = None
     if method == "trilinear":

@@ -25,7 +25,7 @@ from ..errors import InputError
 from . import siddon as _siddon
 from . import trilinear as _trilinear
 
-__all__ = ["Backend", "Method", "box_intersection", "integrate_rays"]
+__all__ = ["Backend", "Method", "box_intersection", "integrate_rays", "support_box"]
 
 Method = Literal["siddon", "trilinear"]
 Backend = Literal["auto", "fused", "reference"]
@@ -34,15 +34,23 @@ BACKENDS: tuple[str, ...] = ("auto", "fused", "reference")
 
 
 def box_intersection(
-    src: torch.Tensor, dirv: torch.Tensor, shape: tuple[int, int, int]
+    src: torch.Tensor,
+    dirv: torch.Tensor,
+    shape: tuple[int, int, int],
+    support: tuple[tuple[float, float, float], tuple[float, float, float]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Parameters ``t0 ≤ t1`` where rays ``src + t·dirv`` cross the voxel box ``[-½, n-½]³``, clipped to [0, 1].
+    """Parameters ``t0 ≤ t1`` where rays ``src + t·dirv`` cross a box in index space, clipped to [0, 1].
 
-    Differentiable w.r.t. ``src`` and ``dirv`` (piecewise, like the slab method it implements). Rays that miss
-    the box get ``t0 = t1``.
+    The box is the whole volume ``[-½, n-½]³`` or, when given, ``support = (lo, hi)`` (index coordinates), the
+    part of the volume outside which every value is zero (see :func:`support_box`). Differentiable w.r.t.
+    ``src`` and ``dirv`` (piecewise, like the slab method it implements). Rays that miss get ``t0 = t1``.
     """
-    lo = torch.full((3,), -0.5, dtype=src.dtype, device=src.device)
-    hi = torch.tensor(shape, dtype=src.dtype, device=src.device) - 0.5
+    if support is None:
+        lo = torch.full((3,), -0.5, dtype=src.dtype, device=src.device)
+        hi = torch.tensor(shape, dtype=src.dtype, device=src.device) - 0.5
+    else:
+        lo = torch.tensor(support[0], dtype=src.dtype, device=src.device)
+        hi = torch.tensor(support[1], dtype=src.dtype, device=src.device)
     parallel = dirv == 0
     safe = torch.where(parallel, torch.ones_like(dirv), dirv)
     ta = (lo - src) / safe
@@ -59,6 +67,26 @@ def box_intersection(
     t1 = tmax.amin(-1).clamp(0.0, 1.0)
     t1 = torch.maximum(t0, t1)
     return t0, t1
+
+
+def support_box(vol: torch.Tensor) -> tuple[tuple[float, float, float], tuple[float, float, float]] | None:
+    """Index-space box outside which ``vol`` (C, I, J, K) is zero in every channel, for empty-space skipping.
+
+    The box spans the non-zero voxels' cells plus one voxel of margin (so trilinear ramps are kept), clipped
+    to the volume's box. ``None`` when the volume has no zero margin worth skipping.
+    """
+    shape = vol.shape[1:]
+    nz = (vol.detach() != 0).any(0)
+    if not bool(nz.any()):
+        return ((-0.5,) * 3, (-0.5,) * 3)  # type: ignore[return-value]
+    lo, hi = [], []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        idx = nz.any(dim=other).nonzero().squeeze(-1)
+        lo.append(max(-0.5, float(idx[0]) - 1.5))
+        hi.append(min(shape[axis] - 0.5, float(idx[-1]) + 1.5))
+    full = all(lo_ == -0.5 for lo_ in lo) and all(h == n - 0.5 for h, n in zip(hi, shape, strict=True))
+    return None if full else (tuple(lo), tuple(hi))  # type: ignore[return-value]
 
 
 def _identity(t: torch.Tensor) -> tuple[torch.Tensor, tuple]:

@@ -6,11 +6,12 @@ Every command prints one clear ``error:`` line and exits with status 2 on bad in
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import numpy as np
 import torch
@@ -18,6 +19,9 @@ import typer
 from rich.console import Console
 
 from ..errors import FileFormatError, InputError, XrayposeError
+
+if TYPE_CHECKING:
+    from ..geometry import Intrinsics
 
 app = typer.Typer(
     name="xraypose",
@@ -56,8 +60,12 @@ def _parse_triple(text: str, name: str) -> tuple[float, float, float]:
 
 def _load_pose(path: Path) -> torch.Tensor:
     """A camera-to-world 4×4 matrix (or a stack) from .json (``{"pose": [[...]]}`` or a bare list), .npy, .txt."""
+    from ..geometry.camera import validate_pose
+
     if not path.exists():
         raise FileFormatError(f"{path}: pose file not found")
+    if path.suffix not in (".npy", ".json", ".txt", ".csv"):
+        raise FileFormatError(f"{path}: unsupported pose file; expected .json, .npy, .txt or .csv")
     try:
         if path.suffix == ".npy":
             data = np.load(path, allow_pickle=False)
@@ -66,15 +74,13 @@ def _load_pose(path: Path) -> torch.Tensor:
             data = np.asarray(
                 raw.get("pose", raw.get("matrix")) if isinstance(raw, dict) else raw, dtype=np.float64
             )
-        elif path.suffix in (".txt", ".csv"):
-            data = np.loadtxt(path, delimiter="," if path.suffix == ".csv" else None)
         else:
-            raise FileFormatError(f"{path}: unsupported pose file; expected .json, .npy, .txt or .csv")
+            data = np.loadtxt(path, delimiter="," if path.suffix == ".csv" else None)
     except (ValueError, OSError, json.JSONDecodeError, TypeError) as exc:
         raise FileFormatError(f"{path}: could not read a 4×4 pose matrix ({exc})") from None
     if data.shape[-2:] != (4, 4) or data.ndim not in (2, 3):
         raise InputError(f"{path}: expected a 4×4 camera-to-world matrix (or N×4×4), got shape {data.shape}")
-    return torch.as_tensor(data, dtype=torch.float32)
+    return validate_pose(torch.as_tensor(data, dtype=torch.float32), str(path))
 
 
 def _check_out(out: Path, force: bool, allowed: tuple[str, ...]) -> None:
@@ -94,6 +100,24 @@ def _save(image: np.ndarray, out: Path) -> None:
 
         image = normalize_display(torch.as_tensor(image)).numpy()
     save_image(image.astype(np.float32), out)
+
+
+def _check_distance(value: float | None, name: str) -> None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise InputError(f"{name}: expected a positive finite distance in mm, got {value:g}")
+
+
+def _check_size(size: int) -> None:
+    if size < 1:
+        raise InputError(f"--size: expected a positive integer pixel count, got {size}")
+
+
+def _square_detector(sdd: float, size: int, side: float) -> Intrinsics:
+    """A ``size × size`` detector ``side`` mm wide (``size`` is checked before dividing by it)."""
+    from ..geometry import Intrinsics
+
+    _check_size(size)
+    return Intrinsics(sdd=sdd, rows=size, cols=size, dy=side / size, dx=side / size)
 
 
 def _fit_detector(volume, sdd: float, sid: float | None) -> float:
@@ -148,12 +172,14 @@ def render(
 
     try:
         _check_out(out, force, (".png", ".npy", ".tif", ".tiff"))
+        for name, value in (("--sdd", sdd), ("--sid", sid), ("--detector-mm", detector_mm)):
+            _check_distance(value, name)
         volume = read_volume(ct, labels=labels)
         if camera is not None:
             intr = Intrinsics.load(camera)
         else:
             side = detector_mm if detector_mm is not None else _fit_detector(volume, sdd, sid)
-            intr = Intrinsics(sdd=sdd, rows=size, cols=size, dy=side / size, dx=side / size)
+            intr = _square_detector(sdd, size, side)
         if pose is not None:
             pose_t = _load_pose(pose)
         else:
@@ -196,16 +222,16 @@ def demo(
     force: Annotated[bool, typer.Option(help="Overwrite --out if it exists.")] = False,
 ) -> None:
     """Render the built-in chest CT from three C-arm angles and save them side by side."""
-    from ..geometry import Camera, Intrinsics, carm_pose
+    from ..geometry import Camera, carm_pose
     from ..io import AttenuationModel, load_default_ct
     from ..render import normalize_display
     from ..render import render as render_drr
 
     try:
         _check_out(out, force, (".png",))
+        _check_size(size)
         volume = load_default_ct(with_labels=False)
-        side = _fit_detector(volume, 1020.0, 510.0)
-        intr = Intrinsics(sdd=1020.0, rows=size, cols=size, dy=side / size, dx=side / size)
+        intr = _square_detector(1020.0, size, _fit_detector(volume, 1020.0, 510.0))
         angles = torch.tensor([[0.0, 0.0], [30.0, 0.0], [-20.0, 15.0]])
         poses = carm_pose(
             angles[:, 0],

@@ -62,7 +62,7 @@ _JIT = dict(cache=True, nogil=True, fastmath=False, error_model="numpy", boundsc
 # --------------------------------------------------------------------------------------------------------------
 
 
-@numba.njit(inline="always", **_JIT)
+@numba.njit(**_JIT)
 def _slab(s, d, lo, hi):  # pragma: no cover - compiled
     """Entry/exit parameters of the line ``s + t·d`` with the slab ``[lo, hi]``, 1/d and the step sign."""
     if d > 0.0:
@@ -76,7 +76,7 @@ def _slab(s, d, lo, hi):  # pragma: no cover - compiled
     return np.inf, -np.inf, 0.0, 0
 
 
-@numba.njit(inline="always", **_JIT)
+@numba.njit(**_JIT)
 def _cell(s, d, t, sg, first, last):  # pragma: no cover - compiled
     """Index of the cell the ray occupies just after ``t`` (direction-aware on faces), clamped to
     ``[first, last]``."""
@@ -89,7 +89,7 @@ def _cell(s, d, t, sg, first, last):  # pragma: no cover - compiled
     return int(f)
 
 
-@numba.njit(inline="always", **_JIT)
+@numba.njit(**_JIT)
 def _next_t(s, idx, sg, inv):  # pragma: no cover - compiled
     """Parameter of the next face crossing along an axis (+inf if the ray is parallel to it)."""
     if sg == 0:
@@ -97,7 +97,7 @@ def _next_t(s, idx, sg, inv):  # pragma: no cover - compiled
     return (idx + 0.5 * sg - s) * inv
 
 
-@numba.njit(inline="always", **_JIT)
+@numba.njit(**_JIT)
 def _setup(src, dirv, t0, t1, r, ilo, ihi, nJ, nK):  # pragma: no cover - compiled
     """Clip ray r to the box ``[ilo − ½, ihi − ½] × [−½, nJ − ½] × [−½, nK − ½]``; find its first cell.
 
@@ -363,7 +363,7 @@ def _backward_kernel(vol, src, dirv, t0, t1, grad_out, g_src, g_dirv, g_t0, g_t1
             g_t1[r] = gt1
 
 
-@numba.njit(inline="always", **_JIT)
+@numba.njit(**_JIT)
 def _scatter_rays(src, dirv, t0, t1, grad_out, gflat, ilo, ihi, nI, nJ, nK):  # pragma: no cover
     """gflat[c·N + cell] += grad_out[r, c] · (t-length of ray r in cell), for the cells with
     ``ilo ≤ i < ihi`` only (every ray)."""

@@ -149,8 +149,10 @@ def _backward(volp, src, dirv, t0, t1, nsamp, grad_out, g_src, g_dirv, g_t0, g_t
         bz = 0.0
         cc = 0.0  # Σ_k c_k (g_k · d)
         sw = 0.0  # Σ_k Σ_c w_c f_ck
+        inv_n = 1.0 / n
+        w0 = grad_out[r, 0]
         for k in range(n):
-            ck = (k + 0.5) / n
+            ck = (k + 0.5) * inv_n
             t = a + ck * (b - a)
             x = sx + t * dx
             y = sy + t * dy
@@ -162,33 +164,55 @@ def _backward(volp, src, dirv, t0, t1, nsamp, grad_out, g_src, g_dirv, g_t0, g_t
             fy = y - j0
             fz = z - k0
             base = i0 * si + j0 * sj + k0
-            gx = 0.0
-            gy = 0.0
-            gz = 0.0
-            fv = 0.0
-            for c in range(C):
-                w = grad_out[r, c]
-                o = base + c * sc
-                v000 = flat[o]
-                v001 = flat[o + 1]
-                v010 = flat[o + sj]
-                v011 = flat[o + sj + 1]
-                v100 = flat[o + si]
-                v101 = flat[o + si + 1]
-                v110 = flat[o + si + sj]
-                v111 = flat[o + si + sj + 1]
+            if C == 1:
+                v000 = flat[base]
+                v001 = flat[base + 1]
+                v010 = flat[base + sj]
+                v011 = flat[base + sj + 1]
+                v100 = flat[base + si]
+                v101 = flat[base + si + 1]
+                v110 = flat[base + si + sj]
+                v111 = flat[base + si + sj + 1]
                 c00 = v000 + (v001 - v000) * fz
                 c01 = v010 + (v011 - v010) * fz
                 c10 = v100 + (v101 - v100) * fz
                 c11 = v110 + (v111 - v110) * fz
                 c0 = c00 + (c01 - c00) * fy
                 c1 = c10 + (c11 - c10) * fy
-                fv += w * (c0 + (c1 - c0) * fx)
-                gx += w * (c1 - c0)
-                gy += w * ((c01 - c00) + ((c11 - c10) - (c01 - c00)) * fx)
+                fv = c0 + (c1 - c0) * fx
+                gx = c1 - c0
+                gy = (c01 - c00) + ((c11 - c10) - (c01 - c00)) * fx
                 d0 = (v001 - v000) + ((v011 - v010) - (v001 - v000)) * fy
                 d1 = (v101 - v100) + ((v111 - v110) - (v101 - v100)) * fy
-                gz += w * (d0 + (d1 - d0) * fx)
+                gz = d0 + (d1 - d0) * fx
+            else:
+                gx = 0.0
+                gy = 0.0
+                gz = 0.0
+                fv = 0.0
+                for c in range(C):
+                    w = grad_out[r, c] / w0 if w0 != 0.0 else grad_out[r, c]
+                    o = base + c * sc
+                    v000 = flat[o]
+                    v001 = flat[o + 1]
+                    v010 = flat[o + sj]
+                    v011 = flat[o + sj + 1]
+                    v100 = flat[o + si]
+                    v101 = flat[o + si + 1]
+                    v110 = flat[o + si + sj]
+                    v111 = flat[o + si + sj + 1]
+                    c00 = v000 + (v001 - v000) * fz
+                    c01 = v010 + (v011 - v010) * fz
+                    c10 = v100 + (v101 - v100) * fz
+                    c11 = v110 + (v111 - v110) * fz
+                    c0 = c00 + (c01 - c00) * fy
+                    c1 = c10 + (c11 - c10) * fy
+                    fv += w * (c0 + (c1 - c0) * fx)
+                    gx += w * (c1 - c0)
+                    gy += w * ((c01 - c00) + ((c11 - c10) - (c01 - c00)) * fx)
+                    d0 = (v001 - v000) + ((v011 - v010) - (v001 - v000)) * fy
+                    d1 = (v101 - v100) + ((v111 - v110) - (v101 - v100)) * fy
+                    gz += w * (d0 + (d1 - d0) * fx)
             ax += gx
             ay += gy
             az += gz
@@ -197,6 +221,16 @@ def _backward(volp, src, dirv, t0, t1, nsamp, grad_out, g_src, g_dirv, g_t0, g_t
             bz += t * gz
             cc += ck * (gx * dx + gy * dy + gz * dz)
             sw += fv
+        # the sums above are per unit of grad_out[r, 0] (or raw when it is 0): scale once here
+        scale = w0 if (C == 1 or w0 != 0.0) else 1.0
+        ax *= scale
+        ay *= scale
+        az *= scale
+        bx *= scale
+        by *= scale
+        bz *= scale
+        cc *= scale
+        sw *= scale
         g_src[r, 0] = h * ax
         g_src[r, 1] = h * ay
         g_src[r, 2] = h * az

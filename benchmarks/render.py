@@ -383,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--xraypose-n-samples", type=int, default=None, help="xraypose trilinear samples")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per renderer and case")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--save", type=Path, help="also write the JSON results to this file")
     parser.add_argument("--_worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._worker:
@@ -400,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
         "xraypose_n_samples": args.xraypose_n_samples,
     }
     rows = run(args)
+    if args.save:
+        args.save.parent.mkdir(parents=True, exist_ok=True)
+        args.save.write_text(json.dumps({"cases": rows, "meta": meta}, indent=2))
     if args.json:
         print(json.dumps({"cases": rows, "meta": meta}, indent=2))
     else:

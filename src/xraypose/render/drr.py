@@ -8,8 +8,6 @@ pyramid. Both return line integrals ``∫ μ ds`` (dimensionless when μ is in 1
 from __future__ import annotations
 
 import math
-import threading
-import weakref
 from typing import Literal
 
 import torch
@@ -17,12 +15,12 @@ import torch.nn.functional as F
 
 from ..errors import GeometryError, InputError
 from ..geometry.camera import Camera, Intrinsics, validate_pixels, validate_pose
+from ._cache import DerivedCache
 from .engine import (
     BACKENDS,
     METHODS,
     Backend,
     Method,
-    _identity,
     box_intersection,
     integrate_rays,
     support_box,
@@ -116,33 +114,6 @@ def downsample_volume(
     return pooled, affine @ _block_centre_matrix(factors, affine)
 
 
-class _PyramidCache:
-    """Downsampled copies of volumes, keyed like the engine's layout cache (owner, view, version, factors)."""
-
-    def __init__(self, capacity: int = 8) -> None:
-        self._entries: list[tuple[weakref.ref, tuple, tuple[int, int, int], torch.Tensor]] = []
-        self._capacity = capacity
-        self._lock = threading.Lock()
-
-    def get(
-        self, density: torch.Tensor, affine: torch.Tensor, factors: tuple[int, int, int]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if factors == (1, 1, 1) or density.requires_grad:
-            return downsample_volume(density, affine, factors)
-        base, key = _identity(density)
-        with self._lock:
-            for ref, k, f, vol in self._entries:
-                if ref() is base and k == key and f == factors:
-                    return vol, affine @ _block_centre_matrix(factors, affine)
-        vol, aff = downsample_volume(density, affine, factors)
-        with self._lock:
-            self._entries = [e for e in self._entries if e[0]() is not None]
-            self._entries.append((weakref.ref(base), key, factors, vol))
-            if len(self._entries) > self._capacity:
-                self._entries.pop(0)
-        return vol, aff
-
-
 def _block_centre_matrix(factors: tuple[int, int, int], like: torch.Tensor) -> torch.Tensor:
     """Index map of a pooled level: new voxel ``i'`` is centred at old index ``f·i' + (f − 1)/2``."""
     scale = torch.eye(4, dtype=like.dtype, device=like.device)
@@ -152,35 +123,17 @@ def _block_centre_matrix(factors: tuple[int, int, int], like: torch.Tensor) -> t
     return scale
 
 
-_PYRAMIDS = _PyramidCache()
+_DERIVED = DerivedCache(capacity=8)
 
 
-class _SupportCache:
-    """Non-zero bounding boxes of volumes (see :func:`support_box`), keyed like the other caches."""
-
-    def __init__(self, capacity: int = 8) -> None:
-        self._entries: list[tuple[weakref.ref, tuple, object]] = []
-        self._capacity = capacity
-        self._lock = threading.Lock()
-
-    def get(self, density: torch.Tensor):
-        if density.requires_grad:  # an optimised volume may grow into empty space
-            return None
-        base, key = _identity(density)
-        with self._lock:
-            for ref, k, box in self._entries:
-                if ref() is base and k == key:
-                    return box
-        box = support_box(density)
-        with self._lock:
-            self._entries = [e for e in self._entries if e[0]() is not None]
-            self._entries.append((weakref.ref(base), key, box))
-            if len(self._entries) > self._capacity:
-                self._entries.pop(0)
-        return box
-
-
-_SUPPORTS = _SupportCache()
+def _pyramid_level(
+    density: torch.Tensor, affine: torch.Tensor, factors: tuple[int, int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cached :func:`downsample_volume`."""
+    if factors == (1, 1, 1):
+        return density, affine
+    pooled = _DERIVED.get(density, ("level", factors), lambda: downsample_volume(density, affine, factors)[0])
+    return pooled, affine @ _block_centre_matrix(factors, affine)
 
 
 def _pixel_footprint(camera: Camera, affine: torch.Tensor, shape: tuple[int, ...]) -> float:
@@ -255,7 +208,7 @@ def render(
     if multires:
         spacing = tuple(float(s) for s in affine[:3, :3].norm(dim=0))
         factors = pyramid_factors(spacing, _pixel_footprint(camera, affine.detach(), tuple(density.shape)))
-        density, affine = _PYRAMIDS.get(density, affine, factors)
+        density, affine = _pyramid_level(density, affine, factors)
     shape = tuple(int(s) for s in density.shape[1:])
 
     # Rays in world, then in voxel-index coordinates of the level rendered.
@@ -289,7 +242,9 @@ def render(
     src_r = src_idx[:, None, :].expand(-1, n_rays, -1).reshape(-1, 3)
     dir_r = dir_idx.reshape(-1, 3)
     # Empty-space skipping: integrate only where the volume is non-zero (exact: zeros add nothing).
-    t0, t1 = box_intersection(src_r, dir_r, shape, _SUPPORTS.get(density))  # type: ignore[arg-type]
+    t0, t1 = box_intersection(
+        src_r, dir_r, shape, _DERIVED.get(density, "support", lambda: support_box(density))
+    )  # type: ignore[arg-type]
     ray_mm = (dir_r @ affine[:3, :3].T).norm(dim=-1)  # mm per unit t
     nsamp = None
     if method == "trilinear":

@@ -15,7 +15,6 @@ ray length in mm). Two interchangeable backends compute it:
 from __future__ import annotations
 
 import threading
-import weakref
 from typing import Literal
 
 import numpy as np
@@ -24,6 +23,7 @@ import torch
 from ..errors import InputError
 from . import siddon as _siddon
 from . import trilinear as _trilinear
+from ._cache import DerivedCache
 
 __all__ = ["Backend", "Method", "box_intersection", "integrate_rays", "support_box"]
 
@@ -89,50 +89,19 @@ def support_box(vol: torch.Tensor) -> tuple[tuple[float, float, float], tuple[fl
     return None if full else (tuple(lo), tuple(hi))  # type: ignore[return-value]
 
 
-def _identity(t: torch.Tensor) -> tuple[torch.Tensor, tuple]:
-    """The tensor owning ``t``'s memory and a key describing the view (shared by all equal views)."""
-    base = t._base if t._base is not None else t
-    return base, (t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t._version)
+_LAYOUTS = DerivedCache(capacity=6)
 
 
-class _LayoutCache:
-    """Remembers contiguous axis-permuted copies of volumes (the marching axis is made the fastest).
+def _kernel_layout(vol: torch.Tensor, perm: tuple[int, ...], pad: bool) -> np.ndarray:
+    """``vol`` permuted by ``perm`` (marching axis last), C-contiguous, padded for trilinear when ``pad``."""
+    if not pad and perm == tuple(range(vol.ndim)) and vol.is_contiguous():
+        return vol.detach().numpy()
 
-    Entries are keyed by the tensor that owns the memory (held weakly), the view's geometry, its version
-    counter (bumped by in-place edits) and the permutation, so a stale copy is never returned.
-    """
+    def make() -> np.ndarray:
+        arr = np.ascontiguousarray(vol.detach().permute(*perm).numpy())
+        return _trilinear.pad_volume(arr) if pad else arr
 
-    def __init__(self, capacity: int = 6) -> None:
-        self._entries: list[tuple[weakref.ref, tuple, tuple, np.ndarray]] = []
-        self._capacity = capacity
-        self._lock = threading.Lock()
-
-    def get(self, vol: torch.Tensor, perm: tuple[int, ...], pad: bool) -> np.ndarray:
-        """``vol`` permuted by ``perm``, C-contiguous, and padded for the trilinear kernels when ``pad``."""
-
-        def make() -> np.ndarray:
-            arr = np.ascontiguousarray(vol.detach().permute(*perm).numpy())
-            return _trilinear.pad_volume(arr) if pad else arr
-
-        if not pad and perm == tuple(range(vol.ndim)) and vol.is_contiguous():
-            return vol.detach().numpy()
-        if vol.requires_grad:  # a volume being optimised changes every step: nothing to re-use
-            return make()
-        base, key = _identity(vol)
-        with self._lock:
-            for ref, k, p, arr in self._entries:
-                if ref() is base and k == key and p == (perm, pad):
-                    return arr
-        arr = make()
-        with self._lock:
-            self._entries = [e for e in self._entries if e[0]() is not None]
-            self._entries.append((weakref.ref(base), key, (perm, pad), arr))
-            if len(self._entries) > self._capacity:
-                self._entries.pop(0)
-        return arr
-
-
-_LAYOUTS = _LayoutCache()
+    return _LAYOUTS.get(vol, ("layout", perm, pad), make)
 
 
 def _marching_perm(dirv: torch.Tensor) -> tuple[int, ...]:
@@ -148,7 +117,7 @@ class _FusedIntegral(torch.autograd.Function):
         perm = _marching_perm(dirv)
         vperm = (0, *(p + 1 for p in perm))
         dtype = vol.dtype
-        vol_np = _LAYOUTS.get(vol, vperm, pad=method == "trilinear")
+        vol_np = _kernel_layout(vol, vperm, pad=method == "trilinear")
         src_np = np.ascontiguousarray(src.detach().to(dtype)[:, list(perm)].numpy())
         dir_np = np.ascontiguousarray(dirv.detach().to(dtype)[:, list(perm)].numpy())
         t0_np = t0.detach().to(dtype).contiguous().numpy()

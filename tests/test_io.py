@@ -476,14 +476,16 @@ def test_read_4d_image(tmp_path: Path) -> None:
         read_volume(p)
 
 
-def test_read_nan_voxels(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["nans.mha", "nans.nrrd", "nans.nii", "nans.nii.gz"])
+def test_read_nan_voxels(tmp_path: Path, name: str) -> None:
+    """NaN/inf voxels are reported for every format, NIfTI included (ITK's NIfTI reader turns NaN into 0)."""
     arr = np.zeros((4, 5, 6), np.float32)
     arr[0, 0, 0] = np.nan
     arr[1, 2, 3] = np.nan
     arr[3, 4, 5] = np.inf
-    p = tmp_path / "nans.mha"
+    p = tmp_path / name
     sitk.WriteImage(sitk.GetImageFromArray(arr), str(p))
-    with pytest.raises(InputError, match=r"nans\.mha.*3 of 120 voxels are NaN or infinite"):
+    with pytest.raises(InputError, match=name.replace(".", r"\.") + r".*3 of 120 voxels are NaN or infinite"):
         read_volume(p)
 
 

@@ -123,6 +123,35 @@ def _nifti_data_problem(path: Path, ext: str, hdr: bytes, end: str) -> str | Non
     return None
 
 
+def _nifti_nonfinite(path: Path) -> int:
+    """Count NaN/inf voxels stored in a floating-point NIfTI-1 file.
+
+    ITK's NIfTI reader replaces NaN by 0 without a word, so the stored bytes are checked directly (only for
+    float32/float64 data; integer data cannot hold NaN). Returns 0 when the header cannot be parsed.
+    """
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            hdr = f.read(348)
+            for end in ("<", ">"):
+                if len(hdr) == 348 and struct.unpack(end + "i", hdr[:4])[0] == 348:
+                    break
+            else:
+                return 0
+            datatype = struct.unpack(end + "h", hdr[70:72])[0]
+            dtype = {16: "f4", 64: "f8"}.get(datatype)
+            if dtype is None:
+                return 0
+            dims = struct.unpack(end + "8h", hdr[40:56])
+            count = int(np.prod(dims[1 : dims[0] + 1], dtype=np.int64))
+            vox_offset = int(struct.unpack(end + "f", hdr[108:112])[0])
+            f.read(max(vox_offset, 348) - 348)
+            data = np.frombuffer(f.read(count * int(dtype[1])), dtype=end + dtype)
+    except (OSError, ValueError, struct.error, EOFError, zlib.error):
+        return 0
+    return int(np.count_nonzero(~np.isfinite(data)))
+
+
 def _header_problem(path: Path, ext: str) -> str | None:
     """Look for zero/negative voxel spacing in the raw header (some readers silently replace it by 1) and for
     truncated NIfTI data (ITK silently fills it with zeros).
@@ -338,6 +367,8 @@ def read_volume(path: PathLike, labels: PathLike | None = None) -> Volume:
     arr, affine = _image_to_numpy(img, p)
     data = arr.astype(np.float32, copy=False)
     bad = int(np.count_nonzero(~np.isfinite(data)))
+    if not bad and _extension(p) in (".nii", ".nii.gz"):
+        bad = _nifti_nonfinite(p)
     if bad:
         raise InputError(f"{p}: {bad} of {data.size} voxels are NaN or infinite; expected finite HU values")
     try:

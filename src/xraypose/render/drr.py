@@ -21,7 +21,9 @@ from .engine import (
     METHODS,
     Backend,
     Method,
+    _needs_create_graph,
     box_intersection,
+    integrate_camera,
     integrate_rays,
     support_box,
 )
@@ -224,41 +226,42 @@ def render(
     if det_cam.ndim == 2:
         det_cam = det_cam.unsqueeze(0)
     pose = pose.to(dtype)
-    det_world = det_cam @ pose[:, :3, :3].transpose(-1, -2) + pose[:, None, :3, 3]
-    src_world = pose[:, :3, 3]
     inv = torch.linalg.inv(affine)
-    lin = inv[:3, :3]
-    src_idx = src_world @ lin.T + inv[:3, 3]  # (B, 3)
-    dir_idx = (det_world - src_world[:, None, :]) @ lin.T  # (B, N, 3)
+    # camera mm → voxel index of the level rendered: a source at M[:, :, 3], ray directions M[:, :, :3] @ p
+    M = (inv @ pose)[:, :3, :]
     lo, hi = -0.5, torch.tensor(shape, dtype=dtype, device=device) - 0.5
-    inside = ((src_idx.detach() > lo) & (src_idx.detach() < hi)).all(-1)
+    inside = ((M[:, :, 3].detach() > lo) & (M[:, :, 3].detach() < hi)).all(-1)
     if bool(inside.any()):
         b = int(inside.nonzero()[0, 0])
         raise GeometryError(
-            f"camera pose {b}: the X-ray source at {src_world[b].detach().tolist()} mm (world) lies inside the "
-            "volume; move the source outside the CT"
+            f"camera pose {b}: the X-ray source at {pose[b, :3, 3].detach().tolist()} mm (world) lies inside "
+            "the volume; move the source outside the CT"
         )
-    n_rays = dir_idx.shape[1]
-    src_r = src_idx[:, None, :].expand(-1, n_rays, -1).reshape(-1, 3)
-    dir_r = dir_idx.reshape(-1, 3)
     # Empty-space skipping: integrate only where the volume is non-zero (exact: zeros add nothing).
-    t0, t1 = box_intersection(
-        src_r, dir_r, shape, _DERIVED.get(density, "support", lambda: support_box(density))
-    )  # type: ignore[arg-type]
-    ray_mm = (dir_r @ affine[:3, :3].T).norm(dim=-1)  # mm per unit t
-    nsamp = None
-    if method == "trilinear":
-        chord = ((t1 - t0) * ray_mm).detach()
-        if n_samples is not None:
-            nsamp = torch.full_like(chord, n_samples, dtype=torch.int32)
-            nsamp[chord <= 0] = 0
-        else:
-            step = (
-                step_mm if step_mm is not None else float(torch.prod(affine[:3, :3].norm(dim=0)) ** (1 / 3))
-            )
-            nsamp = torch.ceil(chord / step).to(torch.int32)
-    integral = integrate_rays(density, src_r, dir_r, t0, t1, method=method, nsamp=nsamp, backend=backend)
-    line = (integral * ray_mm[:, None]).reshape(pose.shape[0], n_rays, -1).movedim(-1, 1)  # (B, C, N)
+    support = _DERIVED.get(density, "support", lambda: support_box(density))
+    step = step_mm if step_mm is not None else float(torch.prod(affine[:3, :3].norm(dim=0)) ** (1 / 3))
+    n_rays = det_cam.shape[1]
+    if _use_fused(backend, density, affine):
+        box = support if support is not None else ((-0.5,) * 3, tuple(n - 0.5 for n in shape))
+        line = integrate_camera(
+            density, M, det_cam, box, affine[:3, :3], method=method, step_mm=step, n_samples=n_samples
+        ).movedim(-1, 1)  # (B, C, N)
+    else:
+        src_r = M[:, None, :, 3].expand(-1, n_rays, -1).reshape(-1, 3)
+        dir_r = (det_cam @ M[:, :, :3].transpose(-1, -2)).expand(M.shape[0], -1, -1).reshape(-1, 3)
+        t0, t1 = box_intersection(src_r, dir_r, shape, support)  # type: ignore[arg-type]
+        ray_mm = (dir_r @ affine[:3, :3].T).norm(dim=-1)  # mm per unit t
+        nsamp = None
+        if method == "trilinear":
+            chord = ((t1 - t0) * ray_mm).detach()
+            if n_samples is not None:
+                nsamp = torch.full_like(chord, n_samples, dtype=torch.int32)
+                nsamp[chord <= 0] = 0
+            else:
+                nsamp = torch.ceil(chord / step).to(torch.int32)
+        backend_ = "reference" if backend == "auto" else backend
+        integral = integrate_rays(density, src_r, dir_r, t0, t1, method=method, nsamp=nsamp, backend=backend_)
+        line = (integral * ray_mm[:, None]).reshape(pose.shape[0], n_rays, -1).movedim(-1, 1)  # (B, C, N)
     if pixels is None:
         line = line.reshape(pose.shape[0], -1, intr.rows, intr.cols)
     if squeeze:
@@ -266,6 +269,18 @@ def render(
     if output == "intensity":
         return torch.exp(-line)
     return line
+
+
+def _use_fused(backend: str, density: torch.Tensor, affine: torch.Tensor) -> bool:
+    """Whether the fused CPU kernels (with in-kernel ray set-up) serve this call."""
+    if backend == "reference":
+        return False
+    if backend == "fused":
+        if density.device.type != "cpu":
+            raise InputError(f"backend='fused' runs on CPU tensors; got a volume on {density.device}")
+        return True
+    # auto: CPU, first-order gradients, and a constant affine (the fused path does not differentiate it)
+    return density.device.type == "cpu" and not _needs_create_graph() and not affine.requires_grad
 
 
 def random_patch_pixels(

@@ -21,11 +21,12 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from . import _camera_rays
 from . import siddon as _siddon
 from . import trilinear as _trilinear
 from ._cache import DerivedCache
 
-__all__ = ["Backend", "Method", "box_intersection", "integrate_rays", "support_box"]
+__all__ = ["Backend", "Method", "box_intersection", "integrate_camera", "integrate_rays", "support_box"]
 
 Method = Literal["siddon", "trilinear"]
 Backend = Literal["auto", "fused", "reference"]
@@ -167,6 +168,119 @@ class _FusedIntegral(torch.autograd.Function):
                 _siddon.siddon_backward_volume(src_np, dir_np, t0_np, t1_np, go, gv)
             g_vol = torch.from_numpy(gv).permute(*np.argsort(ctx.vperm).tolist()).contiguous()
         return None, g_vol, g_src, g_dir, g_t0, g_t1, None
+
+
+class _FusedCameraIntegral(torch.autograd.Function):
+    """Rays built from a camera → voxel map inside the kernels; returns line integrals ``(B, N, C)`` in mm."""
+
+    @staticmethod
+    def forward(ctx, method, vol, M, pix, lo, hi, A, step, fixed_n):  # type: ignore[override]
+        dtype = vol.dtype
+        M_np = M.detach().to(dtype).numpy()
+        # dominant marching axis from the mean ray direction of each view
+        mean_dir = np.abs(M_np[:, :, :3] @ pix.mean(axis=(0, 1))).sum(0)
+        axis = int(mean_dir.argmax())
+        perm = [a for a in (0, 1, 2) if a != axis] + [axis]
+        vperm = (0, *(p + 1 for p in perm))
+        rays = _camera_rays.setup_rays(
+            np.ascontiguousarray(M_np[:, perm, :]),
+            pix,
+            lo[perm],
+            hi[perm],
+            np.ascontiguousarray(A[:, perm]),
+            step,
+            fixed_n,
+        )
+        src, dirv, t0, t1, _, _, ray_mm, nsamp = rays
+        vol_np = _kernel_layout(vol, vperm, pad=method == "trilinear")
+        out = np.empty((src.shape[0], vol.shape[0]), dtype=vol_np.dtype)
+        if method == "trilinear":
+            _trilinear.trilinear_forward(vol_np, src, dirv, t0, t1, nsamp, out)
+        else:
+            _siddon.siddon_forward(vol_np, src, dirv, t0, t1, out)
+        ctx.method = method
+        ctx.perm = perm
+        ctx.vperm = vperm
+        ctx.rays = rays
+        ctx.vol_np = vol_np
+        ctx.out = out
+        ctx.pix = pix
+        ctx.A = np.ascontiguousarray(A[:, perm])
+        ctx.M_dtype = M.dtype
+        B, N = M_np.shape[0], pix.shape[1]
+        return torch.from_numpy(out * ray_mm[:, None]).reshape(B, N, -1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_line):  # type: ignore[override]
+        src, dirv, t0, t1, _, _, ray_mm, nsamp = ctx.rays
+        vol_np = ctx.vol_np
+        g = np.ascontiguousarray(grad_line.detach().to(torch.from_numpy(ctx.out[:0]).dtype).numpy())
+        g = g.reshape(src.shape[0], -1)
+        go = np.ascontiguousarray(g * ray_mm[:, None])  # gradient w.r.t. the t-integral
+        need_vol, need_M = ctx.needs_input_grad[1:3]
+        g_vol = g_M = None
+        if need_M:
+            gs = np.empty_like(src)
+            gd = np.empty_like(dirv)
+            g0 = np.empty_like(t0)
+            g1 = np.empty_like(t1)
+            if ctx.method == "trilinear":
+                _trilinear.trilinear_backward(vol_np, src, dirv, t0, t1, nsamp, go, gs, gd, g0, g1)
+            else:
+                _siddon.siddon_backward(vol_np, src, dirv, t0, t1, go, gs, gd, g0, g1)
+            g_len = np.ascontiguousarray((g * ctx.out).sum(1))
+            _camera_rays.fold_ray_gradients(ctx.rays, ctx.A, gs, gd, g0, g1, g_len)
+            B, N = grad_line.shape[0], grad_line.shape[1]
+            gM_perm = np.zeros((B, 3, 4), dtype=gs.dtype)
+            gM_perm[:, :, 3] = gs.reshape(B, N, 3).sum(1)
+            pix = np.broadcast_to(ctx.pix, (B, N, 3))
+            gM_perm[:, :, :3] = np.einsum("bnj,bnk->bjk", gd.reshape(B, N, 3), pix)
+            gM = np.empty_like(gM_perm)
+            gM[:, ctx.perm, :] = gM_perm
+            g_M = torch.from_numpy(gM).to(ctx.M_dtype)
+        if need_vol:
+            if ctx.method == "trilinear":
+                shape = (vol_np.shape[0], *(n - 2 for n in vol_np.shape[1:]))  # unpadded
+                gv = _trilinear.trilinear_backward_volume(shape, src, dirv, t0, t1, nsamp, go)
+            else:
+                gv = np.zeros(vol_np.shape, dtype=vol_np.dtype)
+                _siddon.siddon_backward_volume(src, dirv, t0, t1, go, gv)
+            g_vol = torch.from_numpy(gv).permute(*np.argsort(ctx.vperm).tolist()).contiguous()
+        return None, g_vol, g_M, None, None, None, None, None, None
+
+
+def integrate_camera(
+    vol: torch.Tensor,
+    M: torch.Tensor,
+    pixels_camera: torch.Tensor,
+    box: tuple[tuple[float, float, float], tuple[float, float, float]],
+    affine_linear: torch.Tensor,
+    *,
+    method: Method,
+    step_mm: float,
+    n_samples: int | None,
+) -> torch.Tensor:
+    """Fused CPU path: line integrals (mm-weighted) of the rays of a camera, ``(B, N, C)``.
+
+    Args:
+        vol: ``(C, I, J, K)`` CPU volume.
+        M: ``(B, 3, 4)`` camera-mm → voxel-index map (``affine⁻¹ · pose``); differentiable.
+        pixels_camera: ``(N, 3)`` or ``(B, N, 3)`` pixel centres in camera mm (constants).
+        box: ``(lo, hi)`` index-space box to integrate in (the volume box or its non-zero support).
+        affine_linear: ``(3, 3)`` index → mm linear map (constant).
+        step_mm, n_samples: trilinear sampling (``n_samples`` wins when given).
+    """
+    dtype = vol.dtype
+    pix = pixels_camera.detach().to(dtype)
+    if pix.ndim == 2:
+        pix = pix.unsqueeze(0)
+    pix_np = np.ascontiguousarray(pix.numpy())
+    np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+    lo = np.asarray(box[0], dtype=np_dtype)
+    hi = np.asarray(box[1], dtype=np_dtype)
+    A = np.ascontiguousarray(affine_linear.detach().to(dtype).numpy())
+    return _FusedCameraIntegral.apply(method, vol, M.to(dtype), pix_np, lo, hi, A, step_mm, n_samples or 0)
 
 
 def _reference(

@@ -259,8 +259,7 @@ def render(
                 nsamp[chord <= 0] = 0
             else:
                 nsamp = torch.ceil(chord / step).to(torch.int32)
-        backend_ = "reference" if backend == "auto" else backend
-        integral = integrate_rays(density, src_r, dir_r, t0, t1, method=method, nsamp=nsamp, backend=backend_)
+        integral = integrate_rays(density, src_r, dir_r, t0, t1, method=method, nsamp=nsamp, backend=backend)
         line = (integral * ray_mm[:, None]).reshape(pose.shape[0], n_rays, -1).movedim(-1, 1)  # (B, C, N)
     if pixels is None:
         line = line.reshape(pose.shape[0], -1, intr.rows, intr.cols)

@@ -8,8 +8,9 @@ ray length in mm). Two interchangeable backends compute it:
   analytic backward (pose and volume gradients). CPU tensors only.
 * ``"reference"`` — readable pure PyTorch, differentiated by autograd (also twice); runs on any device.
 
-``backend="auto"`` picks ``"fused"`` for CPU tensors unless a higher-order gradient is requested, and
-``"reference"`` elsewhere (see ``docs/design.md`` for why the kernels are Numba).
+``backend="auto"`` picks ``"fused"`` for CPU tensors unless a higher-order gradient is requested, Triton
+kernels (:mod:`._triton`) for trilinear marching on CUDA when Triton is installed, and ``"reference"``
+elsewhere (see ``docs/design.md`` for why the CPU kernels are Numba).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from . import _camera_rays
 from . import siddon as _siddon
 from . import trilinear as _trilinear
 from ._cache import DerivedCache
+from ._triton import TritonTrilinear, triton_available
 
 __all__ = ["Backend", "Method", "box_intersection", "integrate_camera", "integrate_rays", "support_box"]
 
@@ -339,6 +341,13 @@ def integrate_rays(
     if method == "trilinear" and nsamp is None:
         raise InputError("nsamp: required for the trilinear method")
     if backend == "auto":
+        if (
+            method == "trilinear"
+            and vol.device.type == "cuda"
+            and not _needs_create_graph()
+            and triton_available()
+        ):
+            return TritonTrilinear.apply(vol, src, dirv, t0, t1, nsamp)
         backend = "fused" if vol.device.type == "cpu" and not _needs_create_graph() else "reference"
     if backend == "fused":
         if vol.device.type != "cpu":

@@ -114,6 +114,40 @@ def _marching_perm(dirv: torch.Tensor) -> tuple[int, ...]:
     return tuple(spatial)
 
 
+def _kernel_forward(method: str, vol_np, src, dirv, t0, t1, nsamp) -> np.ndarray:
+    """Run the method's forward kernel → ``(R, C)`` t-integrals."""
+    out = np.empty((src.shape[0], vol_np.shape[0]), dtype=vol_np.dtype)
+    if method == "trilinear":
+        _trilinear.trilinear_forward(vol_np, src, dirv, t0, t1, nsamp, out)
+    else:
+        _siddon.siddon_forward(vol_np, src, dirv, t0, t1, out)
+    return out
+
+
+def _kernel_ray_grads(method: str, vol_np, src, dirv, t0, t1, nsamp, go) -> tuple[np.ndarray, ...]:
+    """Gradients of ``Σ go · out`` w.r.t. ``src, dirv, t0, t1`` from the method's backward kernel."""
+    gs = np.empty_like(src)
+    gd = np.empty_like(dirv)
+    g0 = np.empty_like(t0)
+    g1 = np.empty_like(t1)
+    if method == "trilinear":
+        _trilinear.trilinear_backward(vol_np, src, dirv, t0, t1, nsamp, go, gs, gd, g0, g1)
+    else:
+        _siddon.siddon_backward(vol_np, src, dirv, t0, t1, go, gs, gd, g0, g1)
+    return gs, gd, g0, g1
+
+
+def _kernel_volume_grad(method: str, vol_np, vperm, src, dirv, t0, t1, nsamp, go) -> torch.Tensor:
+    """Gradient of ``Σ go · out`` w.r.t. the volume, back in the caller's axis order."""
+    if method == "trilinear":
+        shape = (vol_np.shape[0], *(n - 2 for n in vol_np.shape[1:]))  # unpadded
+        gv = _trilinear.trilinear_backward_volume(shape, src, dirv, t0, t1, nsamp, go)
+    else:
+        gv = np.zeros(vol_np.shape, dtype=vol_np.dtype)
+        _siddon.siddon_backward_volume(src, dirv, t0, t1, go, gv)
+    return torch.from_numpy(gv).permute(*np.argsort(vperm).tolist()).contiguous()
+
+
 class _FusedIntegral(torch.autograd.Function):
     @staticmethod
     def forward(ctx, method, vol, src, dirv, t0, t1, nsamp):  # type: ignore[override]
@@ -125,13 +159,8 @@ class _FusedIntegral(torch.autograd.Function):
         dir_np = np.ascontiguousarray(dirv.detach().to(dtype)[:, list(perm)].numpy())
         t0_np = t0.detach().to(dtype).contiguous().numpy()
         t1_np = t1.detach().to(dtype).contiguous().numpy()
-        out = np.empty((src_np.shape[0], vol.shape[0]), dtype=vol_np.dtype)
-        if method == "trilinear":
-            n_np = nsamp.to(torch.int32).contiguous().numpy()
-            _trilinear.trilinear_forward(vol_np, src_np, dir_np, t0_np, t1_np, n_np, out)
-        else:
-            n_np = None
-            _siddon.siddon_forward(vol_np, src_np, dir_np, t0_np, t1_np, out)
+        n_np = nsamp.to(torch.int32).contiguous().numpy() if method == "trilinear" else None
+        out = _kernel_forward(method, vol_np, src_np, dir_np, t0_np, t1_np, n_np)
         ctx.method = method
         ctx.perm = perm
         ctx.vperm = vperm
@@ -149,26 +178,13 @@ class _FusedIntegral(torch.autograd.Function):
         need_vol, need_src, need_dir, need_t0, need_t1 = ctx.needs_input_grad[1:6]
         g_vol = g_src = g_dir = g_t0 = g_t1 = None
         if need_src or need_dir or need_t0 or need_t1:
-            gs = np.empty_like(src_np)
-            gd = np.empty_like(dir_np)
-            g0 = np.empty_like(t0_np)
-            g1 = np.empty_like(t1_np)
-            if ctx.method == "trilinear":
-                _trilinear.trilinear_backward(vol_np, src_np, dir_np, t0_np, t1_np, n_np, go, gs, gd, g0, g1)
-            else:
-                _siddon.siddon_backward(vol_np, src_np, dir_np, t0_np, t1_np, go, gs, gd, g0, g1)
+            gs, gd, g0, g1 = _kernel_ray_grads(ctx.method, vol_np, src_np, dir_np, t0_np, t1_np, n_np, go)
             g_src = torch.from_numpy(gs[:, inv]).to(ctx.dtypes[0]) if need_src else None
             g_dir = torch.from_numpy(gd[:, inv]).to(ctx.dtypes[1]) if need_dir else None
             g_t0 = torch.from_numpy(g0).to(ctx.dtypes[2]) if need_t0 else None
             g_t1 = torch.from_numpy(g1).to(ctx.dtypes[3]) if need_t1 else None
         if need_vol:
-            if ctx.method == "trilinear":
-                shape = (vol_np.shape[0], *(n - 2 for n in vol_np.shape[1:]))  # unpadded
-                gv = _trilinear.trilinear_backward_volume(shape, src_np, dir_np, t0_np, t1_np, n_np, go)
-            else:
-                gv = np.zeros(vol_np.shape, dtype=vol_np.dtype)
-                _siddon.siddon_backward_volume(src_np, dir_np, t0_np, t1_np, go, gv)
-            g_vol = torch.from_numpy(gv).permute(*np.argsort(ctx.vperm).tolist()).contiguous()
+            g_vol = _kernel_volume_grad(ctx.method, vol_np, ctx.vperm, src_np, dir_np, t0_np, t1_np, n_np, go)
         return None, g_vol, g_src, g_dir, g_t0, g_t1, None
 
 
@@ -195,11 +211,7 @@ class _FusedCameraIntegral(torch.autograd.Function):
         )
         src, dirv, t0, t1, _, _, ray_mm, nsamp = rays
         vol_np = _kernel_layout(vol, vperm, pad=method == "trilinear")
-        out = np.empty((src.shape[0], vol.shape[0]), dtype=vol_np.dtype)
-        if method == "trilinear":
-            _trilinear.trilinear_forward(vol_np, src, dirv, t0, t1, nsamp, out)
-        else:
-            _siddon.siddon_forward(vol_np, src, dirv, t0, t1, out)
+        out = _kernel_forward(method, vol_np, src, dirv, t0, t1, nsamp)
         ctx.method = method
         ctx.perm = perm
         ctx.vperm = vperm
@@ -223,14 +235,7 @@ class _FusedCameraIntegral(torch.autograd.Function):
         need_vol, need_M = ctx.needs_input_grad[1:3]
         g_vol = g_M = None
         if need_M:
-            gs = np.empty_like(src)
-            gd = np.empty_like(dirv)
-            g0 = np.empty_like(t0)
-            g1 = np.empty_like(t1)
-            if ctx.method == "trilinear":
-                _trilinear.trilinear_backward(vol_np, src, dirv, t0, t1, nsamp, go, gs, gd, g0, g1)
-            else:
-                _siddon.siddon_backward(vol_np, src, dirv, t0, t1, go, gs, gd, g0, g1)
+            gs, gd, g0, g1 = _kernel_ray_grads(ctx.method, vol_np, src, dirv, t0, t1, nsamp, go)
             g_len = np.ascontiguousarray((g * ctx.out).sum(1))
             _camera_rays.fold_ray_gradients(ctx.rays, ctx.A, gs, gd, g0, g1, g_len)
             B, N = grad_line.shape[0], grad_line.shape[1]
@@ -242,13 +247,7 @@ class _FusedCameraIntegral(torch.autograd.Function):
             gM[:, ctx.perm, :] = gM_perm
             g_M = torch.from_numpy(gM).to(ctx.M_dtype)
         if need_vol:
-            if ctx.method == "trilinear":
-                shape = (vol_np.shape[0], *(n - 2 for n in vol_np.shape[1:]))  # unpadded
-                gv = _trilinear.trilinear_backward_volume(shape, src, dirv, t0, t1, nsamp, go)
-            else:
-                gv = np.zeros(vol_np.shape, dtype=vol_np.dtype)
-                _siddon.siddon_backward_volume(src, dirv, t0, t1, go, gv)
-            g_vol = torch.from_numpy(gv).permute(*np.argsort(ctx.vperm).tolist()).contiguous()
+            g_vol = _kernel_volume_grad(ctx.method, vol_np, ctx.vperm, src, dirv, t0, t1, nsamp, go)
         return None, g_vol, g_M, None, None, None, None, None, None
 
 

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ._cache import DerivedCache
+from .trilinear import fold_padding
 
 __all__ = ["TritonTrilinear", "triton_available"]
 
@@ -297,14 +298,6 @@ def _padded(vol: torch.Tensor) -> torch.Tensor:
     return _LAYOUTS.get(vol, ("triton-pad",), make)
 
 
-def _fold_padding(g: torch.Tensor) -> torch.Tensor:
-    """Adjoint of :func:`_padded`: add each pad voxel's gradient to the edge voxel it replicates (in place)."""
-    for axis in (1, 2, 3):
-        g.select(axis, 1).add_(g.select(axis, 0))
-        g.select(axis, -2).add_(g.select(axis, -1))
-    return g[:, 1:-1, 1:-1, 1:-1].contiguous()
-
-
 def _geometry(volp: torch.Tensor) -> dict[str, Any]:
     C, Ip, Jp, Kp = volp.shape
     return dict(
@@ -385,7 +378,7 @@ class TritonTrilinear(torch.autograd.Function):
                 num_warps=_NUM_WARPS,
             )
         return (
-            _fold_padding(gvp) if need_vol else None,
+            fold_padding(gvp) if need_vol else None,
             gs.to(ctx.dtypes[0]) if need_src else None,
             gd.to(ctx.dtypes[1]) if need_dir else None,
             g0.to(ctx.dtypes[2]) if need_t0 else None,

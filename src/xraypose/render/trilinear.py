@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "fold_padding",
     "pad_volume",
     "trilinear_backward",
     "trilinear_backward_volume",
@@ -290,21 +291,13 @@ def pad_volume(vol: np.ndarray) -> np.ndarray:
     return np.pad(vol, ((0, 0), (1, 1), (1, 1), (1, 1)), mode="edge")
 
 
-def _fold_padding(buf: np.ndarray) -> np.ndarray:
-    """Adjoint of :func:`pad_volume`: add each pad voxel's gradient to the edge voxel it replicates."""
+def fold_padding(grad: torch.Tensor) -> torch.Tensor:
+    """Adjoint of :func:`pad_volume` for ``(C, I+2, J+2, K+2)`` gradients: each pad voxel's gradient is added to
+    the edge voxel it replicates (in place), and the unpadded ``(C, I, J, K)`` part is returned."""
     for axis in (1, 2, 3):
-        first = [slice(None)] * 4
-        src_lo = list(first)
-        src_lo[axis] = 0
-        dst_lo = list(first)
-        dst_lo[axis] = 1
-        src_hi = list(first)
-        src_hi[axis] = -1
-        dst_hi = list(first)
-        dst_hi[axis] = -2
-        buf[tuple(dst_lo)] += buf[tuple(src_lo)]
-        buf[tuple(dst_hi)] += buf[tuple(src_hi)]
-    return buf[:, 1:-1, 1:-1, 1:-1]
+        grad.select(axis, 1).add_(grad.select(axis, 0))
+        grad.select(axis, -2).add_(grad.select(axis, -1))
+    return grad[:, 1:-1, 1:-1, 1:-1].contiguous()
 
 
 def trilinear_forward(
@@ -364,7 +357,7 @@ def trilinear_backward_volume(
     buffers = np.zeros((nthreads, C, I + 2, J + 2, K + 2), dtype=grad_out.dtype)
     _backward_volume(src, dirv, t0, t1, nsamp, grad_out, buffers)
     total = buffers.sum(axis=0) if nthreads > 1 else buffers[0]
-    return np.ascontiguousarray(_fold_padding(total))
+    return fold_padding(torch.from_numpy(total)).numpy()
 
 
 def _sample_trilinear(vol: torch.Tensor, points: torch.Tensor) -> torch.Tensor:

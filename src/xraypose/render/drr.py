@@ -177,9 +177,10 @@ def render(
         pixels: render only these detector pixels: flat indices ``row * cols + col`` as ``(N,)`` or ``(B, N)``
             (see :func:`random_patch_pixels`); cost is proportional to the rays rendered.
         multires: render from a coarser pyramid level (2× average pooling per axis) while its voxels stay
-            within 1.5 detector-pixel footprints at the volume centre (see ``MULTIRES_FOOTPRINT_RATIO``). ``None`` (default): on for trilinear, off for Siddon
-            (which stays exact).
-        backend: ``"auto"`` (fused Numba kernels on CPU, PyTorch elsewhere), ``"fused"`` or ``"reference"``.
+            within 1.5 detector-pixel footprints at the volume centre (see ``MULTIRES_FOOTPRINT_RATIO``).
+            ``None`` (default): on for trilinear, off for Siddon (which stays exact).
+        backend: ``"auto"`` (fused Numba kernels on CPU; Triton for trilinear on CUDA when installed; PyTorch
+            otherwise, and inside :func:`~xraypose.render.double_differentiable`), ``"fused"`` or ``"reference"``.
         output: ``"line_integral"`` (``∫ μ ds``) or ``"intensity"`` (Beer–Lambert ``exp(−∫ μ ds)``).
     Returns:
         ``(B, rows, cols)`` (or ``(B, N)`` for ``pixels``), with a channel axis after ``B`` when ``density``

@@ -33,6 +33,56 @@ __all__ = [
 ]
 
 
+@numba.njit(inline="always", fastmath=True, cache=True)
+def _cell(sx, sy, sz, dx, dy, dz, t, si, sj):  # pragma: no cover - compiled
+    """Flat offset of the lower corner of the cell holding ``s + t·d`` (padded grid) and the fractions."""
+    x = sx + t * dx
+    y = sy + t * dy
+    z = sz + t * dz
+    i0 = int(x)
+    j0 = int(y)
+    k0 = int(z)
+    return i0 * si + j0 * sj + k0, x - i0, y - j0, z - k0
+
+
+@numba.njit(inline="always", fastmath=True, cache=True)
+def _interp(flat, o, si, sj, fx, fy, fz):  # pragma: no cover - compiled
+    """Trilinear value from the 8 voxels at flat offset ``o``."""
+    c00 = flat[o] + (flat[o + 1] - flat[o]) * fz
+    c01 = flat[o + sj] + (flat[o + sj + 1] - flat[o + sj]) * fz
+    c10 = flat[o + si] + (flat[o + si + 1] - flat[o + si]) * fz
+    c11 = flat[o + si + sj] + (flat[o + si + sj + 1] - flat[o + si + sj]) * fz
+    c0 = c00 + (c01 - c00) * fy
+    c1 = c10 + (c11 - c10) * fy
+    return c0 + (c1 - c0) * fx
+
+
+@numba.njit(inline="always", fastmath=True, cache=True)
+def _interp_grad(flat, o, si, sj, fx, fy, fz):  # pragma: no cover - compiled
+    """Trilinear value and its gradient w.r.t. the sample position (index units)."""
+    v000 = flat[o]
+    v001 = flat[o + 1]
+    v010 = flat[o + sj]
+    v011 = flat[o + sj + 1]
+    v100 = flat[o + si]
+    v101 = flat[o + si + 1]
+    v110 = flat[o + si + sj]
+    v111 = flat[o + si + sj + 1]
+    c00 = v000 + (v001 - v000) * fz
+    c01 = v010 + (v011 - v010) * fz
+    c10 = v100 + (v101 - v100) * fz
+    c11 = v110 + (v111 - v110) * fz
+    c0 = c00 + (c01 - c00) * fy
+    c1 = c10 + (c11 - c10) * fy
+    d0 = (v001 - v000) + ((v011 - v010) - (v001 - v000)) * fy
+    d1 = (v101 - v100) + ((v111 - v110) - (v101 - v100)) * fy
+    value = c0 + (c1 - c0) * fx
+    gx = c1 - c0
+    gy = (c01 - c00) + ((c11 - c10) - (c01 - c00)) * fx
+    gz = d0 + (d1 - d0) * fx
+    return value, gx, gy, gz
+
+
 @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def _forward(volp, src, dirv, t0, t1, nsamp, out):  # pragma: no cover - compiled
     # volp is the volume padded by one replicated voxel on every side, so a sample anywhere in the box
@@ -59,59 +109,18 @@ def _forward(volp, src, dirv, t0, t1, nsamp, out):  # pragma: no cover - compile
         dx = dirv[r, 0]
         dy = dirv[r, 1]
         dz = dirv[r, 2]
-        if C == 1:
+        if C == 1:  # scalar accumulator: the common case, kept free of the channel loop
             acc = 0.0
             for k in range(n):
-                t = a + (k + 0.5) * h
-                x = sx + t * dx
-                y = sy + t * dy
-                z = sz + t * dz
-                i0 = int(x)
-                j0 = int(y)
-                k0 = int(z)
-                fx = x - i0
-                fy = y - j0
-                fz = z - k0
-                base = i0 * si + j0 * sj + k0
-                v0 = flat[base]
-                v1 = flat[base + 1]
-                v2 = flat[base + sj]
-                v3 = flat[base + sj + 1]
-                v4 = flat[base + si]
-                v5 = flat[base + si + 1]
-                v6 = flat[base + si + sj]
-                v7 = flat[base + si + sj + 1]
-                c00 = v0 + (v1 - v0) * fz
-                c01 = v2 + (v3 - v2) * fz
-                c10 = v4 + (v5 - v4) * fz
-                c11 = v6 + (v7 - v6) * fz
-                c0 = c00 + (c01 - c00) * fy
-                c1 = c10 + (c11 - c10) * fy
-                acc += c0 + (c1 - c0) * fx
+                base, fx, fy, fz = _cell(sx, sy, sz, dx, dy, dz, a + (k + 0.5) * h, si, sj)
+                acc += _interp(flat, base, si, sj, fx, fy, fz)
             out[r, 0] = acc * h
         else:
             accs = np.zeros(C, dtype=np.float64)
             for k in range(n):
-                t = a + (k + 0.5) * h
-                x = sx + t * dx
-                y = sy + t * dy
-                z = sz + t * dz
-                i0 = int(x)
-                j0 = int(y)
-                k0 = int(z)
-                fx = x - i0
-                fy = y - j0
-                fz = z - k0
-                base = i0 * si + j0 * sj + k0
+                base, fx, fy, fz = _cell(sx, sy, sz, dx, dy, dz, a + (k + 0.5) * h, si, sj)
                 for c in range(C):
-                    o = base + c * sc
-                    c00 = flat[o] + (flat[o + 1] - flat[o]) * fz
-                    c01 = flat[o + sj] + (flat[o + sj + 1] - flat[o + sj]) * fz
-                    c10 = flat[o + si] + (flat[o + si + 1] - flat[o + si]) * fz
-                    c11 = flat[o + si + sj] + (flat[o + si + sj + 1] - flat[o + si + sj]) * fz
-                    c0 = c00 + (c01 - c00) * fy
-                    c1 = c10 + (c11 - c10) * fy
-                    accs[c] += c0 + (c1 - c0) * fx
+                    accs[c] += _interp(flat, base + c * sc, si, sj, fx, fy, fz)
             for c in range(C):
                 out[r, c] = accs[c] * h
 
@@ -155,37 +164,9 @@ def _backward(volp, src, dirv, t0, t1, nsamp, grad_out, g_src, g_dirv, g_t0, g_t
         for k in range(n):
             ck = (k + 0.5) * inv_n
             t = a + ck * (b - a)
-            x = sx + t * dx
-            y = sy + t * dy
-            z = sz + t * dz
-            i0 = int(x)
-            j0 = int(y)
-            k0 = int(z)
-            fx = x - i0
-            fy = y - j0
-            fz = z - k0
-            base = i0 * si + j0 * sj + k0
+            base, fx, fy, fz = _cell(sx, sy, sz, dx, dy, dz, t, si, sj)
             if C == 1:
-                v000 = flat[base]
-                v001 = flat[base + 1]
-                v010 = flat[base + sj]
-                v011 = flat[base + sj + 1]
-                v100 = flat[base + si]
-                v101 = flat[base + si + 1]
-                v110 = flat[base + si + sj]
-                v111 = flat[base + si + sj + 1]
-                c00 = v000 + (v001 - v000) * fz
-                c01 = v010 + (v011 - v010) * fz
-                c10 = v100 + (v101 - v100) * fz
-                c11 = v110 + (v111 - v110) * fz
-                c0 = c00 + (c01 - c00) * fy
-                c1 = c10 + (c11 - c10) * fy
-                fv = c0 + (c1 - c0) * fx
-                gx = c1 - c0
-                gy = (c01 - c00) + ((c11 - c10) - (c01 - c00)) * fx
-                d0 = (v001 - v000) + ((v011 - v010) - (v001 - v000)) * fy
-                d1 = (v101 - v100) + ((v111 - v110) - (v101 - v100)) * fy
-                gz = d0 + (d1 - d0) * fx
+                fv, gx, gy, gz = _interp_grad(flat, base, si, sj, fx, fy, fz)
             else:
                 gx = 0.0
                 gy = 0.0
@@ -193,27 +174,11 @@ def _backward(volp, src, dirv, t0, t1, nsamp, grad_out, g_src, g_dirv, g_t0, g_t
                 fv = 0.0
                 for c in range(C):
                     w = grad_out[r, c] / w0 if w0 != 0.0 else grad_out[r, c]
-                    o = base + c * sc
-                    v000 = flat[o]
-                    v001 = flat[o + 1]
-                    v010 = flat[o + sj]
-                    v011 = flat[o + sj + 1]
-                    v100 = flat[o + si]
-                    v101 = flat[o + si + 1]
-                    v110 = flat[o + si + sj]
-                    v111 = flat[o + si + sj + 1]
-                    c00 = v000 + (v001 - v000) * fz
-                    c01 = v010 + (v011 - v010) * fz
-                    c10 = v100 + (v101 - v100) * fz
-                    c11 = v110 + (v111 - v110) * fz
-                    c0 = c00 + (c01 - c00) * fy
-                    c1 = c10 + (c11 - c10) * fy
-                    fv += w * (c0 + (c1 - c0) * fx)
-                    gx += w * (c1 - c0)
-                    gy += w * ((c01 - c00) + ((c11 - c10) - (c01 - c00)) * fx)
-                    d0 = (v001 - v000) + ((v011 - v010) - (v001 - v000)) * fy
-                    d1 = (v101 - v100) + ((v111 - v110) - (v101 - v100)) * fy
-                    gz += w * (d0 + (d1 - d0) * fx)
+                    f_c, gx_c, gy_c, gz_c = _interp_grad(flat, base + c * sc, si, sj, fx, fy, fz)
+                    fv += w * f_c
+                    gx += w * gx_c
+                    gy += w * gy_c
+                    gz += w * gz_c
             ax += gx
             ay += gy
             az += gz
@@ -261,18 +226,13 @@ def _backward_volume(src, dirv, t0, t1, nsamp, grad_out, buffers):  # pragma: no
             if n <= 0 or b <= a:
                 continue
             h = (b - a) / n
+            sx = src[r, 0] + 1.0
+            sy = src[r, 1] + 1.0
+            sz = src[r, 2] + 1.0
             for k in range(n):
-                t = a + (k + 0.5) * h
-                x = src[r, 0] + 1.0 + t * dirv[r, 0]
-                y = src[r, 1] + 1.0 + t * dirv[r, 1]
-                z = src[r, 2] + 1.0 + t * dirv[r, 2]
-                i0 = int(x)
-                j0 = int(y)
-                k0 = int(z)
-                fx = x - i0
-                fy = y - j0
-                fz = z - k0
-                base = i0 * si + j0 * sj + k0
+                base, fx, fy, fz = _cell(
+                    sx, sy, sz, dirv[r, 0], dirv[r, 1], dirv[r, 2], a + (k + 0.5) * h, si, sj
+                )
                 for c in range(C):
                     w = grad_out[r, c] * h
                     o = base + c * sc

@@ -314,3 +314,14 @@ def test_console_script_help() -> None:
     assert "Traceback" not in proc.stderr
     for word in ("render", "demo", "2D/3D registration"):
         assert word in proc.stdout
+
+
+def test_version_option_prints_the_package_version():
+    from typer.testing import CliRunner
+
+    import xraypose
+    from xraypose.cli import app
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.strip() == f"xraypose {xraypose.__version__}"

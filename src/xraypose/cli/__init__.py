@@ -33,6 +33,23 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        typer.echo(f"xraypose {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """2D/3D registration of X-ray images to CT: fast differentiable DRRs and C-arm geometry."""
+
+
 class Method(str, Enum):
     trilinear = "trilinear"
     siddon = "siddon"

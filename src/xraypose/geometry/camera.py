@@ -21,7 +21,7 @@ from ..errors import FileFormatError, GeometryError, InputError
 from .rotations import axis_angle_to_matrix
 from .se3 import invert, make_transform, transform_points
 
-__all__ = ["Camera", "Intrinsics", "ap_view", "carm_pose", "pixel_grid", "validate_pose"]
+__all__ = ["Camera", "Intrinsics", "ap_view", "carm_pose", "validate_pose"]
 
 # Rotation taking camera axes to world axes for the AP view (columns = camera x, y, z in world RAS).
 _R_AP = ((-1.0, 0.0, 0.0), (0.0, 0.0, -1.0), (0.0, -1.0, 0.0))
@@ -277,11 +277,6 @@ class Camera:
     def __getitem__(self, index: int | slice) -> Camera:
         pose = self.pose[index]
         return Camera(self.intrinsics, pose if pose.ndim == 3 else pose.unsqueeze(0))
-
-
-def pixel_grid(intrinsics: Intrinsics) -> torch.Tensor:
-    """All flat pixel indices of a detector, ``(rows * cols,)``."""
-    return torch.arange(intrinsics.num_pixels)
 
 
 def carm_pose(

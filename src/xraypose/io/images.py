@@ -6,9 +6,7 @@ stored raw in ``.npy`` and ``.tif``; ``.png`` stores a windowed 8- or 16-bit ren
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +17,7 @@ import tifffile
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from xraypose._atomic import atomic_path
 from xraypose.errors import FileFormatError, InputError
 
 __all__ = ["IMAGE_LOAD_EXTENSIONS", "IMAGE_SAVE_EXTENSIONS", "load_image", "save_image"]
@@ -49,17 +48,11 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> None:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise FileFormatError(f"{path}: the folder {parent} does not exist")
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=parent)
-    os.close(fd)
-    tmp = Path(name)
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=path.suffix) as tmp:
+            write(tmp)
     except OSError as exc:
         raise FileFormatError(f"{path}: cannot write the file: {exc}") from exc
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
 
 
 def save_image(

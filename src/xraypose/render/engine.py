@@ -107,11 +107,11 @@ def _kernel_layout(vol: torch.Tensor, perm: tuple[int, ...], pad: bool) -> np.nd
     return _LAYOUTS.get(vol, ("layout", perm, pad), make)
 
 
-def _marching_perm(dirv: torch.Tensor) -> tuple[int, ...]:
-    """Spatial-axis order putting the dominant marching axis last (contiguous in memory)."""
-    axis = int(dirv.detach().abs().mean(0).argmax()) if dirv.shape[0] else 2
-    spatial = [a for a in (0, 1, 2) if a != axis] + [axis]
-    return tuple(spatial)
+def _marching_perm(extent: np.ndarray) -> list[int]:
+    """Spatial-axis order putting the dominant marching axis (largest of ``extent``, per axis) last, so that
+    rays stream through contiguous memory."""
+    axis = int(np.argmax(extent)) if extent.size else 2
+    return [a for a in (0, 1, 2) if a != axis] + [axis]
 
 
 def _kernel_forward(method: str, vol_np, src, dirv, t0, t1, nsamp) -> np.ndarray:
@@ -151,7 +151,7 @@ def _kernel_volume_grad(method: str, vol_np, vperm, src, dirv, t0, t1, nsamp, go
 class _FusedIntegral(torch.autograd.Function):
     @staticmethod
     def forward(ctx, method, vol, src, dirv, t0, t1, nsamp):  # type: ignore[override]
-        perm = _marching_perm(dirv)
+        perm = _marching_perm(dirv.detach().abs().mean(0).numpy() if dirv.shape[0] else np.zeros(0))
         vperm = (0, *(p + 1 for p in perm))
         dtype = vol.dtype
         vol_np = _kernel_layout(vol, vperm, pad=method == "trilinear")
@@ -196,9 +196,7 @@ class _FusedCameraIntegral(torch.autograd.Function):
         dtype = vol.dtype
         M_np = M.detach().to(dtype).numpy()
         # dominant marching axis from the mean ray direction of each view
-        mean_dir = np.abs(M_np[:, :, :3] @ pix.mean(axis=(0, 1))).sum(0)
-        axis = int(mean_dir.argmax())
-        perm = [a for a in (0, 1, 2) if a != axis] + [axis]
+        perm = _marching_perm(np.abs(M_np[:, :, :3] @ pix.mean(axis=(0, 1))).sum(0))
         vperm = (0, *(p + 1 for p in perm))
         rays = _camera_rays.setup_rays(
             np.ascontiguousarray(M_np[:, perm, :]),

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from ..errors import GeometryError, InputError
 from ..geometry.camera import Camera, Intrinsics, validate_pixels, validate_pose
 from ._cache import DerivedCache
+from .transfer import TransferFunction
 from .engine import (
     BACKENDS,
     METHODS,
@@ -161,6 +162,7 @@ def render(
     multires: bool | None = None,
     backend: Backend = "auto",
     output: Output = "line_integral",
+    transfer: TransferFunction | None = None,
 ) -> torch.Tensor:
     """Render DRRs of a volume seen by a batch of cameras.
 
@@ -182,9 +184,12 @@ def render(
         backend: ``"auto"`` (fused Numba kernels on CPU; Triton for trilinear on CUDA when installed; PyTorch
             otherwise, and inside :func:`~xraypose.render.double_differentiable`), ``"fused"`` or ``"reference"``.
         output: ``"line_integral"`` (``∫ μ ds``) or ``"intensity"`` (Beer–Lambert ``exp(−∫ μ ds)``).
+        transfer: a :class:`~xraypose.render.transfer.TransferFunction` mapping a scalar ``density`` (e.g. HU)
+            to ``C`` channels; trilinear applies it at every sample (post-classification, one pass over the
+            rays for all channels), Siddon voxel by voxel. Used by the physics renderer for material channels.
     Returns:
         ``(B, rows, cols)`` (or ``(B, N)`` for ``pixels``), with a channel axis after ``B`` when ``density``
-        has one. Differentiable w.r.t. ``camera.pose`` and ``density``.
+        has one or a ``transfer`` is given. Differentiable w.r.t. ``camera.pose`` and ``density``.
     """
     density, squeeze = _validate_density(density)
     affine = _validate_affine(affine)
@@ -200,6 +205,14 @@ def render(
         raise InputError(f"step_mm: expected a positive length in mm, got {step_mm!r}")
     if n_samples is not None and (not isinstance(n_samples, int) or n_samples < 1):
         raise InputError(f"n_samples: expected a positive integer, got {n_samples!r}")
+    if transfer is not None:
+        if not isinstance(transfer, TransferFunction):
+            raise InputError(f"transfer: expected a TransferFunction, got {type(transfer).__name__}")
+        if density.shape[0] != 1:
+            raise InputError(
+                f"density: a transfer function maps one scalar channel, got {density.shape[0]} channels"
+            )
+        squeeze = False
     dtype = density.dtype
     device = density.device
     affine = affine.to(dtype=dtype, device=device)
@@ -239,13 +252,29 @@ def render(
             "the volume; move the source outside the CT"
         )
     # Empty-space skipping: integrate only where the volume is non-zero (exact: zeros add nothing).
-    support = _DERIVED.get(density, "support", lambda: support_box(density))
+    if transfer is not None and method == "siddon":
+        # piecewise-constant voxels: classifying each voxel first is exact (and cached for a fixed volume)
+        level = density
+        density = _DERIVED.get(level, ("classified", transfer), lambda: transfer.apply_to_volume(level))
+        transfer = None
+    if transfer is None:
+        support = _DERIVED.get(density, "support", lambda: support_box(density))
+    else:
+        support = _DERIVED.get(density, ("support", transfer), lambda: _transfer_support(density, transfer))
     step = step_mm if step_mm is not None else float(torch.prod(affine[:3, :3].norm(dim=0)) ** (1 / 3))
     n_rays = det_cam.shape[1]
     if _use_fused(backend, density, affine):
         box = support if support is not None else ((-0.5,) * 3, tuple(n - 0.5 for n in shape))
         line = integrate_camera(
-            density, M, det_cam, box, affine[:3, :3], method=method, step_mm=step, n_samples=n_samples
+            density,
+            M,
+            det_cam,
+            box,
+            affine[:3, :3],
+            method=method,
+            step_mm=step,
+            n_samples=n_samples,
+            transfer=transfer,
         ).movedim(-1, 1)  # (B, C, N)
     else:
         src_r = M[:, None, :, 3].expand(-1, n_rays, -1).reshape(-1, 3)
@@ -260,7 +289,9 @@ def render(
                 nsamp[chord <= 0] = 0
             else:
                 nsamp = torch.ceil(chord / step).to(torch.int32)
-        integral = integrate_rays(density, src_r, dir_r, t0, t1, method=method, nsamp=nsamp, backend=backend)
+        integral = integrate_rays(
+            density, src_r, dir_r, t0, t1, method=method, nsamp=nsamp, backend=backend, transfer=transfer
+        )
         line = (integral * ray_mm[:, None]).reshape(pose.shape[0], n_rays, -1).movedim(-1, 1)  # (B, C, N)
     if pixels is None:
         line = line.reshape(pose.shape[0], -1, intr.rows, intr.cols)
@@ -269,6 +300,17 @@ def render(
     if output == "intensity":
         return torch.exp(-line)
     return line
+
+
+def _transfer_support(
+    density: torch.Tensor, transfer: TransferFunction
+) -> tuple[tuple[float, float, float], tuple[float, float, float]] | None:
+    """Empty-space box for a scalar volume read through ``transfer``: voxels at or below the transfer's
+    all-zero range cannot make a non-zero sample, since trilinear values stay within their corners' range."""
+    below = transfer.zero_below
+    if below is None:
+        return None
+    return support_box((density > below).to(density.dtype))
 
 
 def _use_fused(backend: str, density: torch.Tensor, affine: torch.Tensor) -> bool:
@@ -324,7 +366,7 @@ class DRR:
         density: ``(I, J, K)`` or ``(C, I, J, K)`` attenuation (1/mm) — e.g. ``hu_to_mu(volume.data)``.
         affine: ``(4, 4)`` voxel → world (RAS mm).
         intrinsics: the detector.
-        method, step_mm, n_samples, multires, backend, output: defaults for :func:`render`.
+        method, step_mm, n_samples, multires, backend, output, transfer: defaults for :func:`render`.
     """
 
     def __init__(
@@ -339,6 +381,7 @@ class DRR:
         multires: bool | None = None,
         backend: Backend = "auto",
         output: Output = "line_integral",
+        transfer: TransferFunction | None = None,
     ) -> None:
         self.density, _ = _validate_density(density)
         self._squeeze = density.ndim == 3
@@ -353,6 +396,7 @@ class DRR:
             multires=multires,
             backend=backend,
             output=output,
+            transfer=transfer,
         )
 
     @classmethod

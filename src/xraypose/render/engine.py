@@ -27,6 +27,7 @@ from . import siddon as _siddon
 from . import trilinear as _trilinear
 from ._cache import DerivedCache
 from ._triton import TritonTrilinear, triton_available
+from .transfer import TransferFunction
 
 __all__ = ["Backend", "Method", "box_intersection", "integrate_camera", "integrate_rays", "support_box"]
 
@@ -114,34 +115,35 @@ def _marching_perm(extent: np.ndarray) -> list[int]:
     return [a for a in (0, 1, 2) if a != axis] + [axis]
 
 
-def _kernel_forward(method: str, vol_np, src, dirv, t0, t1, nsamp) -> np.ndarray:
-    """Run the method's forward kernel → ``(R, C)`` t-integrals."""
-    out = np.empty((src.shape[0], vol_np.shape[0]), dtype=vol_np.dtype)
+def _kernel_forward(method: str, vol_np, src, dirv, t0, t1, nsamp, tf=None) -> np.ndarray:
+    """Run the method's forward kernel → ``(R, C)`` t-integrals (``tf``: transfer-table arrays, trilinear)."""
+    channels = vol_np.shape[0] if tf is None else tf[0].shape[1]
+    out = np.empty((src.shape[0], channels), dtype=vol_np.dtype)
     if method == "trilinear":
-        _trilinear.trilinear_forward(vol_np, src, dirv, t0, t1, nsamp, out)
+        _trilinear.trilinear_forward(vol_np, src, dirv, t0, t1, nsamp, out, tf)
     else:
         _siddon.siddon_forward(vol_np, src, dirv, t0, t1, out)
     return out
 
 
-def _kernel_ray_grads(method: str, vol_np, src, dirv, t0, t1, nsamp, go) -> tuple[np.ndarray, ...]:
+def _kernel_ray_grads(method: str, vol_np, src, dirv, t0, t1, nsamp, go, tf=None) -> tuple[np.ndarray, ...]:
     """Gradients of ``Σ go · out`` w.r.t. ``src, dirv, t0, t1`` from the method's backward kernel."""
     gs = np.empty_like(src)
     gd = np.empty_like(dirv)
     g0 = np.empty_like(t0)
     g1 = np.empty_like(t1)
     if method == "trilinear":
-        _trilinear.trilinear_backward(vol_np, src, dirv, t0, t1, nsamp, go, gs, gd, g0, g1)
+        _trilinear.trilinear_backward(vol_np, src, dirv, t0, t1, nsamp, go, gs, gd, g0, g1, tf)
     else:
         _siddon.siddon_backward(vol_np, src, dirv, t0, t1, go, gs, gd, g0, g1)
     return gs, gd, g0, g1
 
 
-def _kernel_volume_grad(method: str, vol_np, vperm, src, dirv, t0, t1, nsamp, go) -> torch.Tensor:
+def _kernel_volume_grad(method: str, vol_np, vperm, src, dirv, t0, t1, nsamp, go, tf=None) -> torch.Tensor:
     """Gradient of ``Σ go · out`` w.r.t. the volume, back in the caller's axis order."""
     if method == "trilinear":
         shape = (vol_np.shape[0], *(n - 2 for n in vol_np.shape[1:]))  # unpadded
-        gv = _trilinear.trilinear_backward_volume(shape, src, dirv, t0, t1, nsamp, go)
+        gv = _trilinear.trilinear_backward_volume(shape, src, dirv, t0, t1, nsamp, go, tf, vol_np)
     else:
         gv = np.zeros(vol_np.shape, dtype=vol_np.dtype)
         _siddon.siddon_backward_volume(src, dirv, t0, t1, go, gv)
@@ -150,7 +152,7 @@ def _kernel_volume_grad(method: str, vol_np, vperm, src, dirv, t0, t1, nsamp, go
 
 class _FusedIntegral(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, method, vol, src, dirv, t0, t1, nsamp):  # type: ignore[override]
+    def forward(ctx, method, vol, src, dirv, t0, t1, nsamp, transfer):  # type: ignore[override]
         perm = _marching_perm(dirv.detach().abs().mean(0).numpy() if dirv.shape[0] else np.zeros(0))
         vperm = (0, *(p + 1 for p in perm))
         dtype = vol.dtype
@@ -160,7 +162,9 @@ class _FusedIntegral(torch.autograd.Function):
         t0_np = t0.detach().to(dtype).contiguous().numpy()
         t1_np = t1.detach().to(dtype).contiguous().numpy()
         n_np = nsamp.to(torch.int32).contiguous().numpy() if method == "trilinear" else None
-        out = _kernel_forward(method, vol_np, src_np, dir_np, t0_np, t1_np, n_np)
+        tf = transfer.kernel_arrays(dtype) if transfer is not None else None
+        out = _kernel_forward(method, vol_np, src_np, dir_np, t0_np, t1_np, n_np, tf)
+        ctx.tf = tf
         ctx.method = method
         ctx.perm = perm
         ctx.vperm = vperm
@@ -178,21 +182,25 @@ class _FusedIntegral(torch.autograd.Function):
         need_vol, need_src, need_dir, need_t0, need_t1 = ctx.needs_input_grad[1:6]
         g_vol = g_src = g_dir = g_t0 = g_t1 = None
         if need_src or need_dir or need_t0 or need_t1:
-            gs, gd, g0, g1 = _kernel_ray_grads(ctx.method, vol_np, src_np, dir_np, t0_np, t1_np, n_np, go)
+            gs, gd, g0, g1 = _kernel_ray_grads(
+                ctx.method, vol_np, src_np, dir_np, t0_np, t1_np, n_np, go, ctx.tf
+            )
             g_src = torch.from_numpy(gs[:, inv]).to(ctx.dtypes[0]) if need_src else None
             g_dir = torch.from_numpy(gd[:, inv]).to(ctx.dtypes[1]) if need_dir else None
             g_t0 = torch.from_numpy(g0).to(ctx.dtypes[2]) if need_t0 else None
             g_t1 = torch.from_numpy(g1).to(ctx.dtypes[3]) if need_t1 else None
         if need_vol:
-            g_vol = _kernel_volume_grad(ctx.method, vol_np, ctx.vperm, src_np, dir_np, t0_np, t1_np, n_np, go)
-        return None, g_vol, g_src, g_dir, g_t0, g_t1, None
+            g_vol = _kernel_volume_grad(
+                ctx.method, vol_np, ctx.vperm, src_np, dir_np, t0_np, t1_np, n_np, go, ctx.tf
+            )
+        return None, g_vol, g_src, g_dir, g_t0, g_t1, None, None
 
 
 class _FusedCameraIntegral(torch.autograd.Function):
     """Rays built from a camera → voxel map inside the kernels; returns line integrals ``(B, N, C)`` in mm."""
 
     @staticmethod
-    def forward(ctx, method, vol, M, pix, lo, hi, A, step, fixed_n):  # type: ignore[override]
+    def forward(ctx, method, vol, M, pix, lo, hi, A, step, fixed_n, tf):  # type: ignore[override]
         dtype = vol.dtype
         M_np = M.detach().to(dtype).numpy()
         # dominant marching axis from the mean ray direction of each view
@@ -209,7 +217,8 @@ class _FusedCameraIntegral(torch.autograd.Function):
         )
         src, dirv, t0, t1, _, _, ray_mm, nsamp = rays
         vol_np = _kernel_layout(vol, vperm, pad=method == "trilinear")
-        out = _kernel_forward(method, vol_np, src, dirv, t0, t1, nsamp)
+        out = _kernel_forward(method, vol_np, src, dirv, t0, t1, nsamp, tf)
+        ctx.tf = tf
         ctx.method = method
         ctx.perm = perm
         ctx.vperm = vperm
@@ -233,7 +242,7 @@ class _FusedCameraIntegral(torch.autograd.Function):
         need_vol, need_M = ctx.needs_input_grad[1:3]
         g_vol = g_M = None
         if need_M:
-            gs, gd, g0, g1 = _kernel_ray_grads(ctx.method, vol_np, src, dirv, t0, t1, nsamp, go)
+            gs, gd, g0, g1 = _kernel_ray_grads(ctx.method, vol_np, src, dirv, t0, t1, nsamp, go, ctx.tf)
             g_len = np.ascontiguousarray((g * ctx.out).sum(1))
             _camera_rays.fold_ray_gradients(ctx.rays, ctx.A, gs, gd, g0, g1, g_len)
             B, N = grad_line.shape[0], grad_line.shape[1]
@@ -245,8 +254,8 @@ class _FusedCameraIntegral(torch.autograd.Function):
             gM[:, ctx.perm, :] = gM_perm
             g_M = torch.from_numpy(gM).to(ctx.M_dtype)
         if need_vol:
-            g_vol = _kernel_volume_grad(ctx.method, vol_np, ctx.vperm, src, dirv, t0, t1, nsamp, go)
-        return None, g_vol, g_M, None, None, None, None, None, None
+            g_vol = _kernel_volume_grad(ctx.method, vol_np, ctx.vperm, src, dirv, t0, t1, nsamp, go, ctx.tf)
+        return None, g_vol, g_M, None, None, None, None, None, None, None
 
 
 def integrate_camera(
@@ -259,6 +268,7 @@ def integrate_camera(
     method: Method,
     step_mm: float,
     n_samples: int | None,
+    transfer: TransferFunction | None = None,
 ) -> torch.Tensor:
     """Fused CPU path: line integrals (mm-weighted) of the rays of a camera, ``(B, N, C)``.
 
@@ -269,7 +279,10 @@ def integrate_camera(
         box: ``(lo, hi)`` index-space box to integrate in (the volume box or its non-zero support).
         affine_linear: ``(3, 3)`` index → mm linear map (constant).
         step_mm, n_samples: trilinear sampling (``n_samples`` wins when given).
+        transfer: map the scalar ``vol`` (one channel) to channels at each sample (trilinear); for Siddon the
+            map is applied voxel by voxel first.
     """
+    vol, transfer = _classify_for(method, vol, transfer)
     dtype = vol.dtype
     pix = pixels_camera.detach().to(dtype)
     if pix.ndim == 2:
@@ -279,7 +292,23 @@ def integrate_camera(
     lo = np.asarray(box[0], dtype=np_dtype)
     hi = np.asarray(box[1], dtype=np_dtype)
     A = np.ascontiguousarray(affine_linear.detach().to(dtype).numpy())
-    return _FusedCameraIntegral.apply(method, vol, M.to(dtype), pix_np, lo, hi, A, step_mm, n_samples or 0)
+    tf = transfer.kernel_arrays(dtype) if transfer is not None else None
+    return _FusedCameraIntegral.apply(
+        method, vol, M.to(dtype), pix_np, lo, hi, A, step_mm, n_samples or 0, tf
+    )
+
+
+def _classify_for(
+    method: str, vol: torch.Tensor, transfer: TransferFunction | None
+) -> tuple[torch.Tensor, TransferFunction | None]:
+    """Check a transfer function's input and, for Siddon (piecewise-constant voxels), apply it per voxel."""
+    if transfer is None:
+        return vol, None
+    if vol.shape[0] != 1:
+        raise InputError(f"transfer: expects a scalar volume (one channel), got {vol.shape[0]} channels")
+    if method == "siddon":
+        return transfer.apply_to_volume(vol), None
+    return vol, transfer
 
 
 def _reference(
@@ -291,17 +320,20 @@ def _reference(
     t1: torch.Tensor,
     nsamp: torch.Tensor | None,
     chunk: int,
+    transfer: TransferFunction | None = None,
 ) -> torch.Tensor:
     outs = []
     for start in range(0, src.shape[0], chunk):
         sl = slice(start, start + chunk)
         if method == "trilinear":
             assert nsamp is not None
-            outs.append(_trilinear.trilinear_reference(vol, src[sl], dirv[sl], t0[sl], t1[sl], nsamp[sl]))
+            outs.append(
+                _trilinear.trilinear_reference(vol, src[sl], dirv[sl], t0[sl], t1[sl], nsamp[sl], transfer)
+            )
         else:
             outs.append(_siddon.siddon_reference(vol, src[sl], dirv[sl], t0[sl], t1[sl]))
     if not outs:
-        return vol.new_zeros((0, vol.shape[0]))
+        return vol.new_zeros((0, vol.shape[0] if transfer is None else transfer.channels))
     return torch.cat(outs, 0)
 
 
@@ -316,6 +348,7 @@ def integrate_rays(
     nsamp: torch.Tensor | None = None,
     backend: Backend = "auto",
     chunk: int = 4096,
+    transfer: TransferFunction | None = None,
 ) -> torch.Tensor:
     """Integrate ``vol`` (C, I, J, K) along rays given in voxel-index coordinates → ``(R, C)``.
 
@@ -328,6 +361,8 @@ def integrate_rays(
         nsamp: ``(R,)`` integer samples per ray (trilinear only).
         backend: ``"auto"``, ``"fused"`` or ``"reference"``.
         chunk: rays per chunk on the reference backend (bounds its memory).
+        transfer: map a scalar ``vol`` to channels at each trilinear sample (post-classification; for Siddon
+            it is applied voxel by voxel, which is the same thing for piecewise-constant voxels).
     Returns:
         ``(R, C)`` integrals in the t-parameter.
     """
@@ -337,9 +372,11 @@ def integrate_rays(
         raise InputError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if method == "trilinear" and nsamp is None:
         raise InputError("nsamp: required for the trilinear method")
+    vol, transfer = _classify_for(method, vol, transfer)
     if backend == "auto":
         if (
-            method == "trilinear"
+            transfer is None
+            and method == "trilinear"
             and vol.device.type == "cuda"
             and not _needs_create_graph()
             and triton_available()
@@ -349,8 +386,8 @@ def integrate_rays(
     if backend == "fused":
         if vol.device.type != "cpu":
             raise InputError(f"backend='fused' runs on CPU tensors; got a volume on {vol.device}")
-        return _FusedIntegral.apply(method, vol, src, dirv, t0, t1, nsamp)
-    return _reference(method, vol, src, dirv, t0, t1, nsamp, chunk)
+        return _FusedIntegral.apply(method, vol, src, dirv, t0, t1, nsamp, transfer)
+    return _reference(method, vol, src, dirv, t0, t1, nsamp, chunk, transfer)
 
 
 _CREATE_GRAPH = threading.local()

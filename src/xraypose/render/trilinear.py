@@ -19,6 +19,9 @@ Siddon's piecewise-constant model.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import numba
 import numpy as np
 import torch
@@ -246,6 +249,201 @@ def _backward_volume(src, dirv, t0, t1, nsamp, grad_out, buffers):  # pragma: no
                     flat[o + si + sj + 1] += w * fx * fy * fz
 
 
+@numba.njit(inline="always", fastmath=True, cache=True)
+def _lut_row(v, x0, inv_dx, K, C):  # pragma: no cover - compiled
+    """Flat table offset of the knot segment holding ``v`` and the fraction in it (linear extrapolation)."""
+    s = (v - x0) * inv_dx
+    i = math.floor(s)
+    if i < 0:
+        i = 0
+    elif i > K - 2:
+        i = K - 2
+    return i * C, s - i
+
+
+@numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def _forward_tf(volp, lut, x0, inv_dx, src, dirv, t0, t1, nsamp, out):  # pragma: no cover - compiled
+    # volp: (1, I+2, J+2, K+2) scalar volume; lut: (K, C) piecewise-linear transfer table. Each sample
+    # interpolates the scalar once, then maps it to every channel (post-classification).
+    _, _, Jp, Kp = volp.shape
+    K, C = lut.shape
+    sj = Kp
+    si = Jp * Kp
+    flat = volp.reshape(-1)
+    tab = lut.reshape(-1)
+    R = src.shape[0]
+    for r in numba.prange(R):
+        n = nsamp[r]
+        a = t0[r]
+        b = t1[r]
+        if n <= 0 or b <= a:
+            for c in range(C):
+                out[r, c] = 0.0
+            continue
+        h = (b - a) / n
+        sx = src[r, 0] + 1.0
+        sy = src[r, 1] + 1.0
+        sz = src[r, 2] + 1.0
+        dx = dirv[r, 0]
+        dy = dirv[r, 1]
+        dz = dirv[r, 2]
+        if C <= 4:  # scalar accumulators for the usual material counts (air, soft tissue, bone, metal)
+            a0 = 0.0
+            a1 = 0.0
+            a2 = 0.0
+            a3 = 0.0
+            for k in range(n):
+                base, fx, fy, fz = _cell(sx, sy, sz, dx, dy, dz, a + (k + 0.5) * h, si, sj)
+                v = _interp(flat, base, si, sj, fx, fy, fz)
+                o, u = _lut_row(v, x0, inv_dx, K, C)
+                a0 += tab[o] + (tab[o + C] - tab[o]) * u
+                if C > 1:
+                    a1 += tab[o + 1] + (tab[o + C + 1] - tab[o + 1]) * u
+                if C > 2:
+                    a2 += tab[o + 2] + (tab[o + C + 2] - tab[o + 2]) * u
+                if C > 3:
+                    a3 += tab[o + 3] + (tab[o + C + 3] - tab[o + 3]) * u
+            out[r, 0] = a0 * h
+            if C > 1:
+                out[r, 1] = a1 * h
+            if C > 2:
+                out[r, 2] = a2 * h
+            if C > 3:
+                out[r, 3] = a3 * h
+        else:
+            for c in range(C):
+                out[r, c] = 0.0
+            for k in range(n):
+                base, fx, fy, fz = _cell(sx, sy, sz, dx, dy, dz, a + (k + 0.5) * h, si, sj)
+                v = _interp(flat, base, si, sj, fx, fy, fz)
+                o, u = _lut_row(v, x0, inv_dx, K, C)
+                for c in range(C):
+                    out[r, c] += tab[o + c] + (tab[o + C + c] - tab[o + c]) * u
+            for c in range(C):
+                out[r, c] *= h
+
+
+@numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def _backward_tf(
+    volp, lut, x0, inv_dx, src, dirv, t0, t1, nsamp, grad_out, g_src, g_dirv, g_t0, g_t1
+):  # pragma: no cover
+    # As _backward, for f(p) = Σ_c w_c · lut_c(v(p)): value Σ_c w_c lut_c(v), gradient Σ_c w_c lut_c'(v) ∇v.
+    _, _, Jp, Kp = volp.shape
+    K, C = lut.shape
+    sj = Kp
+    si = Jp * Kp
+    flat = volp.reshape(-1)
+    tab = lut.reshape(-1)
+    R = src.shape[0]
+    for r in numba.prange(R):
+        n = nsamp[r]
+        a = t0[r]
+        b = t1[r]
+        for q in range(3):
+            g_src[r, q] = 0.0
+            g_dirv[r, q] = 0.0
+        g_t0[r] = 0.0
+        g_t1[r] = 0.0
+        if n <= 0 or b <= a:
+            continue
+        h = (b - a) / n
+        sx = src[r, 0] + 1.0
+        sy = src[r, 1] + 1.0
+        sz = src[r, 2] + 1.0
+        dx = dirv[r, 0]
+        dy = dirv[r, 1]
+        dz = dirv[r, 2]
+        ax = 0.0
+        ay = 0.0
+        az = 0.0
+        bx = 0.0
+        by = 0.0
+        bz = 0.0
+        cc = 0.0
+        sw = 0.0
+        inv_n = 1.0 / n
+        for k in range(n):
+            ck = (k + 0.5) * inv_n
+            t = a + ck * (b - a)
+            base, fx, fy, fz = _cell(sx, sy, sz, dx, dy, dz, t, si, sj)
+            v, gx, gy, gz = _interp_grad(flat, base, si, sj, fx, fy, fz)
+            o, u = _lut_row(v, x0, inv_dx, K, C)
+            fv = 0.0
+            slope = 0.0
+            for c in range(C):
+                w = grad_out[r, c]
+                lo = tab[o + c]
+                d = tab[o + C + c] - lo
+                fv += w * (lo + d * u)
+                slope += w * d
+            slope *= inv_dx
+            gx *= slope
+            gy *= slope
+            gz *= slope
+            ax += gx
+            ay += gy
+            az += gz
+            bx += t * gx
+            by += t * gy
+            bz += t * gz
+            cc += ck * (gx * dx + gy * dy + gz * dz)
+            sw += fv
+        g_src[r, 0] = h * ax
+        g_src[r, 1] = h * ay
+        g_src[r, 2] = h * az
+        g_dirv[r, 0] = h * bx
+        g_dirv[r, 1] = h * by
+        g_dirv[r, 2] = h * bz
+        ad = ax * dx + ay * dy + az * dz
+        g_t0[r] = -sw / n + h * (ad - cc)
+        g_t1[r] = sw / n + h * cc
+
+
+@numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def _backward_volume_tf(
+    volp, lut, x0, inv_dx, src, dirv, t0, t1, nsamp, grad_out, buffers
+):  # pragma: no cover
+    # d/dv of Σ_c w_c lut_c(v) at each sample is Σ_c w_c lut_c'(v); scatter it trilinearly (scalar volume).
+    nchunk, _, _, Jp, Kp = buffers.shape
+    K, C = lut.shape
+    sj = Kp
+    si = Jp * Kp
+    vflat = volp.reshape(-1)
+    tab = lut.reshape(-1)
+    R = src.shape[0]
+    per = (R + nchunk - 1) // nchunk
+    for chunk in numba.prange(nchunk):
+        flat = buffers[chunk].reshape(-1)
+        for r in range(chunk * per, min(R, (chunk + 1) * per)):
+            n = nsamp[r]
+            a = t0[r]
+            b = t1[r]
+            if n <= 0 or b <= a:
+                continue
+            h = (b - a) / n
+            sx = src[r, 0] + 1.0
+            sy = src[r, 1] + 1.0
+            sz = src[r, 2] + 1.0
+            for k in range(n):
+                o, fx, fy, fz = _cell(
+                    sx, sy, sz, dirv[r, 0], dirv[r, 1], dirv[r, 2], a + (k + 0.5) * h, si, sj
+                )
+                v = _interp(vflat, o, si, sj, fx, fy, fz)
+                row, _u = _lut_row(v, x0, inv_dx, K, C)
+                slope = 0.0
+                for c in range(C):
+                    slope += grad_out[r, c] * (tab[row + C + c] - tab[row + c])
+                w = slope * inv_dx * h
+                flat[o] += w * (1 - fx) * (1 - fy) * (1 - fz)
+                flat[o + 1] += w * (1 - fx) * (1 - fy) * fz
+                flat[o + sj] += w * (1 - fx) * fy * (1 - fz)
+                flat[o + sj + 1] += w * (1 - fx) * fy * fz
+                flat[o + si] += w * fx * (1 - fy) * (1 - fz)
+                flat[o + si + 1] += w * fx * (1 - fy) * fz
+                flat[o + si + sj] += w * fx * fy * (1 - fz)
+                flat[o + si + sj + 1] += w * fx * fy * fz
+
+
 def pad_volume(vol: np.ndarray) -> np.ndarray:
     """Pad the spatial axes of ``(C, I, J, K)`` by one replicated voxel on each side (the kernels' layout)."""
     return np.pad(vol, ((0, 0), (1, 1), (1, 1), (1, 1)), mode="edge")
@@ -268,12 +466,18 @@ def trilinear_forward(
     t1: np.ndarray,
     nsamp: np.ndarray,
     out: np.ndarray,
+    transfer: tuple[np.ndarray, float, float] | None = None,
 ) -> None:
     """Fill ``out`` (R, C) with the midpoint-rule integrals of each ray (see the module docstring).
 
-    ``volp`` is the volume padded by :func:`pad_volume`; ray coordinates refer to the unpadded grid.
+    ``volp`` is the volume padded by :func:`pad_volume`; ray coordinates refer to the unpadded grid. With
+    ``transfer = (table (K, C), x0, 1/dx)`` (see :class:`~xraypose.render.transfer.TransferFunction`),
+    ``volp`` is one scalar channel and each sample is mapped through the table before accumulating.
     """
-    _forward(volp, src, dirv, t0, t1, nsamp, out)
+    if transfer is None:
+        _forward(volp, src, dirv, t0, t1, nsamp, out)
+    else:
+        _forward_tf(volp, transfer[0], transfer[1], transfer[2], src, dirv, t0, t1, nsamp, out)
 
 
 def trilinear_backward(
@@ -288,6 +492,7 @@ def trilinear_backward(
     g_dirv: np.ndarray,
     g_t0: np.ndarray,
     g_t1: np.ndarray,
+    transfer: tuple[np.ndarray, float, float] | None = None,
 ) -> None:
     """Gradient of ``Σ grad_out · out`` w.r.t. ``src``, ``dirv``, ``t0`` and ``t1`` (written in place).
 
@@ -295,7 +500,11 @@ def trilinear_backward(
     (``c_k = (k + ½)/n``), the integral ``L Σ_k f(p_k)`` has ``∂/∂src = L·G``, ``∂/∂dirv = L·B``,
     ``∂/∂t0 = −S/n + L (G − H)·d`` and ``∂/∂t1 = S/n + L H·d`` where ``S = Σ_k f(p_k)``.
     """
-    _backward(volp, src, dirv, t0, t1, nsamp, grad_out, g_src, g_dirv, g_t0, g_t1)
+    if transfer is None:
+        _backward(volp, src, dirv, t0, t1, nsamp, grad_out, g_src, g_dirv, g_t0, g_t1)
+    else:
+        lut, x0, inv_dx = transfer
+        _backward_tf(volp, lut, x0, inv_dx, src, dirv, t0, t1, nsamp, grad_out, g_src, g_dirv, g_t0, g_t1)
 
 
 def trilinear_backward_volume(
@@ -306,8 +515,13 @@ def trilinear_backward_volume(
     t1: np.ndarray,
     nsamp: np.ndarray,
     grad_out: np.ndarray,
+    transfer: tuple[np.ndarray, float, float] | None = None,
+    volp: np.ndarray | None = None,
 ) -> np.ndarray:
     """Gradient of ``Σ grad_out · out`` w.r.t. the (unpadded) volume of shape ``shape = (C, I, J, K)``.
+
+    With ``transfer`` the volume is the padded scalar ``volp`` (needed to evaluate the table's slope) and
+    ``shape`` is ``(1, I, J, K)``.
 
     Rays are split into one chunk per Numba thread, each scattering into a private buffer (memory:
     threads × volume size) that are summed at the end, so the result is deterministic and race-free.
@@ -315,7 +529,13 @@ def trilinear_backward_volume(
     nthreads = numba.get_num_threads() if src.shape[0] >= 4096 else 1
     C, I, J, K = shape
     buffers = np.zeros((nthreads, C, I + 2, J + 2, K + 2), dtype=grad_out.dtype)
-    _backward_volume(src, dirv, t0, t1, nsamp, grad_out, buffers)
+    if transfer is None:
+        _backward_volume(src, dirv, t0, t1, nsamp, grad_out, buffers)
+    else:
+        assert volp is not None
+        _backward_volume_tf(
+            volp, transfer[0], transfer[1], transfer[2], src, dirv, t0, t1, nsamp, grad_out, buffers
+        )
     total = buffers.sum(axis=0) if nthreads > 1 else buffers[0]
     return fold_padding(torch.from_numpy(total)).numpy()
 
@@ -350,10 +570,12 @@ def trilinear_reference(
     t0: torch.Tensor,
     t1: torch.Tensor,
     nsamp: torch.Tensor,
+    transfer: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Readable pure-PyTorch version of :func:`trilinear_forward` → ``(R, C)``.
 
     Differentiable (twice) w.r.t. every floating input through autograd; memory ``O(R · max(nsamp))``.
+    ``transfer`` maps the sampled scalar ``(R, n, 1)`` values to ``(R, n, C)`` channels (post-classification).
     """
     nmax = int(nsamp.max()) if nsamp.numel() else 0
     k = torch.arange(nmax, device=src.device, dtype=src.dtype)
@@ -363,5 +585,7 @@ def trilinear_reference(
     t = t0.unsqueeze(-1) + ck * (t1 - t0).unsqueeze(-1)
     points = src.unsqueeze(1) + t.unsqueeze(-1) * dirv.unsqueeze(1)  # (R, nmax, 3)
     values = _sample_trilinear(vol, points)  # (R, nmax, C)
+    if transfer is not None:
+        values = transfer(values[..., 0])
     h = ((t1 - t0) / n.squeeze(-1)).unsqueeze(-1)
     return (values * valid.unsqueeze(-1)).sum(1) * h

@@ -1,0 +1,121 @@
+"""Transfer functions: a scalar volume (e.g. HU) mapped to several channels *at each ray sample*.
+
+A :class:`TransferFunction` is a piecewise-linear map ``f: ℝ → ℝ^C`` tabulated on uniform knots
+``x_k = x0 + k·dx`` (``k = 0 … K−1``), extended linearly beyond the end knots. The ray engine applies it
+after trilinear interpolation of the scalar volume (*post-classification*): one pass over the rays
+accumulates ``∫ f_c(v(s)) ds`` for every channel ``c``, at the cost of one interpolation per sample. The
+physics renderer uses it to turn HU into one density channel per material (see
+:mod:`xraypose.physics.materials`).
+
+Siddon's voxels are piecewise constant, so for Siddon (and on the PyTorch reference path for Siddon) the
+map is applied voxel by voxel before integrating, which is the same thing for that model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+
+__all__ = ["TransferFunction"]
+
+
+@dataclass(frozen=True, eq=False)
+class TransferFunction:
+    """Piecewise-linear map from a scalar (e.g. HU) to ``C`` channels.
+
+    Args:
+        x0: first knot, in the scalar's unit (e.g. HU).
+        dx: knot spacing (> 0), same unit.
+        table: ``(K, C)`` channel values at the knots (``K ≥ 2``), float64 (stored as given).
+        names: optional channel names (length ``C``).
+    """
+
+    x0: float
+    dx: float
+    table: torch.Tensor
+    names: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.x0) and math.isfinite(self.dx) and self.dx > 0):
+            raise InputError(
+                f"transfer function: expected finite x0 and dx > 0, got x0={self.x0}, dx={self.dx}"
+            )
+        table = torch.as_tensor(self.table, dtype=torch.float64).detach().cpu()
+        if table.ndim != 2 or table.shape[0] < 2 or table.shape[1] < 1:
+            raise InputError(f"transfer function: expected a (K ≥ 2, C ≥ 1) table, got {tuple(table.shape)}")
+        if not bool(torch.isfinite(table).all()):
+            raise InputError("transfer function: the table holds NaN or inf")
+        if self.names and len(self.names) != table.shape[1]:
+            raise InputError(
+                f"transfer function: {len(self.names)} names for {table.shape[1]} channels: {self.names}"
+            )
+        object.__setattr__(self, "table", table.contiguous())
+        object.__setattr__(self, "names", tuple(self.names))
+
+    @classmethod
+    def from_function(
+        cls,
+        fn: Callable[[torch.Tensor], torch.Tensor],
+        lo: float,
+        hi: float,
+        dx: float,
+        names: Sequence[str] = (),
+    ) -> TransferFunction:
+        """Tabulate ``fn`` (``(K,)`` float64 → ``(K, C)``) on knots ``lo, lo + dx, …`` up to at least ``hi``."""
+        if not hi > lo:
+            raise InputError(f"transfer function: expected hi > lo, got lo={lo}, hi={hi}")
+        k = math.ceil((hi - lo) / dx - 1e-9) + 1
+        x = lo + dx * torch.arange(max(k, 2), dtype=torch.float64)
+        table = fn(x)
+        if table.ndim == 1:
+            table = table.unsqueeze(-1)
+        return cls(float(lo), float(dx), table, tuple(names))
+
+    @property
+    def channels(self) -> int:
+        return int(self.table.shape[1])
+
+    @property
+    def knots(self) -> torch.Tensor:
+        """``(K,)`` knot positions."""
+        return self.x0 + self.dx * torch.arange(self.table.shape[0], dtype=torch.float64)
+
+    @property
+    def zero_below(self) -> float | None:
+        """Largest ``a`` such that every channel is zero for all ``v ≤ a`` (``None`` if there is none).
+
+        Trilinear interpolation of values ``≤ a`` stays ``≤ a``, so voxels at or below it can be skipped as
+        empty space.
+        """
+        nz = (self.table != 0).any(1)
+        if bool(nz[0]) or bool(nz[1]):
+            return None
+        first = int(nz.nonzero()[0, 0]) if bool(nz.any()) else self.table.shape[0]
+        return self.x0 + (first - 1) * self.dx
+
+    def __call__(self, values: torch.Tensor) -> torch.Tensor:
+        """Evaluate at ``values`` (any shape) → ``(..., C)``; differentiable w.r.t. ``values``."""
+        table = self.table.to(dtype=values.dtype, device=values.device)
+        s = (values - self.x0) / self.dx
+        i = s.detach().floor().clamp(0, table.shape[0] - 2).long()
+        u = (s - i.to(values.dtype)).unsqueeze(-1)
+        lo = table[i]
+        return lo + (table[i + 1] - lo) * u
+
+    def apply_to_volume(self, volume: torch.Tensor) -> torch.Tensor:
+        """Classify a scalar ``(I, J, K)`` (or ``(1, I, J, K)``) volume voxel by voxel → ``(C, I, J, K)``."""
+        if volume.ndim == 4:
+            if volume.shape[0] != 1:
+                raise InputError(f"transfer function: expected one scalar channel, got {volume.shape[0]}")
+            volume = volume[0]
+        return self(volume).movedim(-1, 0).contiguous()
+
+    def kernel_arrays(self, dtype: torch.dtype) -> tuple[np.ndarray, float, float]:
+        """``(table (K, C) contiguous, x0, 1/dx)`` for the Numba kernels."""
+        return np.ascontiguousarray(self.table.to(dtype).numpy()), float(self.x0), 1.0 / float(self.dx)

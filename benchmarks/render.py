@@ -166,25 +166,38 @@ def build_xraypose(spec: dict[str, Any]) -> Any:
 
     device = torch.device(spec["device"])
     vol = read_volume(spec["ct"])
-    density = diffdrr_density(vol.data).to(device)
     affine = torch.as_tensor(vol.affine, dtype=torch.float32, device=device)
     intr = Intrinsics(**spec["intrinsics"])
     pose0 = torch.tensor(spec["pose_world"], dtype=torch.float32, device=device)
     kwargs: dict[str, Any] = {"method": spec["method"]}
     if spec["method"] == "trilinear" and spec.get("xraypose_n_samples"):
         kwargs["n_samples"] = int(spec["xraypose_n_samples"])
+    if spec.get("physics") == "poly":
+        # the polychromatic renderer on the HU volume: default materials (air, soft tissue, bone), default
+        # 90 kVp spectrum in 20 energy bins, −ln(I/I0) output
+        from xraypose.physics import render_polychromatic, tube_spectrum
+
+        density = vol.data.to(device=device, dtype=torch.float32)
+        spectrum = tube_spectrum()
+
+        def render_fn(d, a, cam, **kw):
+            return render_polychromatic(d, a, cam, spectrum=spectrum, output="line_integral", **kw)
+
+    else:
+        density = diffdrr_density(vol.data).to(device)
+        render_fn = render
 
     if spec["mode"] == "forward":
 
         def step() -> torch.Tensor:
             with torch.no_grad():
-                return render(density, affine, Camera(intr, pose0), **kwargs)
+                return render_fn(density, affine, Camera(intr, pose0), **kwargs)
 
     else:
 
         def step() -> torch.Tensor:
             pose = pose0.clone().requires_grad_(True)
-            img = render(density, affine, Camera(intr, pose), **kwargs)
+            img = render_fn(density, affine, Camera(intr, pose), **kwargs)
             img.sum().backward()
             return img
 
@@ -301,6 +314,16 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     images[peer] = img
                 else:
                     errors[peer] = res.get("error")
+            if args.physics == "both":
+                poly, _ = run_worker(
+                    "xraypose", {**spec, "physics": "poly"}, None, not args.no_isolate, args.timeout, tmp
+                )
+                row["poly_ms"] = poly.get("ms") if poly.get("ok") else None
+                row["poly_over_mono"] = (
+                    row["poly_ms"] / row["xraypose_ms"] if row["poly_ms"] and row["xraypose_ms"] else None
+                )
+                if not poly.get("ok"):
+                    errors["poly"] = poly.get("error")
             row["ratio"] = _ratio(row["diffdrr_ms"], row["xraypose_ms"])
             row["ratio_nanodrr"] = _ratio(row["nanodrr_ms"], row["xraypose_ms"])
             row["rel_mean_abs_diff"] = _rel_diff(ours_img, images.get("diffdrr"))
@@ -341,6 +364,10 @@ def print_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
         ]
         for r in rows
     ]  # fmt: skip
+    if any("poly_ms" in r for r in rows):
+        headers += ["poly ms", "poly/mono"]
+        for line, r in zip(body, rows, strict=True):
+            line += [_fmt(r.get("poly_ms")), _fmt(r.get("poly_over_mono"), 2)]
     caption = (
         f"device {meta['device']}, {meta['threads']} threads, median of {meta['repeats']} after "
         f"{meta['warmup']} warm-up; ×peer = peer ms / xraypose ms; Δ = mean|xraypose − peer| / peer max"
@@ -382,6 +409,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-samples", type=int, default=500, help="peers' trilinear samples per ray")
     parser.add_argument("--xraypose-n-samples", type=int, default=None, help="xraypose trilinear samples")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per renderer and case")
+    parser.add_argument(
+        "--physics",
+        choices=("mono", "both"),
+        default="mono",
+        help="'both' also times the polychromatic renderer (materials × 20 energy bins) on each case and "
+        "reports its cost relative to the monochromatic one (poly ms, poly/mono)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--save", type=Path, help="also write the JSON results to this file")
     parser.add_argument("--_worker", help=argparse.SUPPRESS)

@@ -130,6 +130,81 @@ def test_render_npy_and_tif_equal_the_api(ct: Path, tmp_path: Path) -> None:
     np.testing.assert_array_equal(tif, ap)
 
 
+def test_render_physics_equal_the_api(ct: Path, tmp_path: Path) -> None:
+    from xraypose.physics import render_polychromatic, simulate_xray, tube_spectrum
+
+    volume = read_volume(ct)
+    side = _fit_detector(volume, SDD, None)
+    intr = Intrinsics(sdd=SDD, rows=SIZE, cols=SIZE, dy=side / SIZE, dx=side / SIZE)
+    cam = Camera(
+        intr, carm_pose(0.0, 0.0, source_to_isocenter=SDD / 2, isocenter=tuple(volume.center_world.tolist()))
+    )
+    spectrum = tube_spectrum(70.0)
+    ok(
+        invoke(
+            "render",
+            "--ct",
+            ct,
+            "--out",
+            tmp_path / "p.npy",
+            "--size",
+            SIZE,
+            "--physics",
+            "poly",
+            "--kvp",
+            70,
+        )
+    )
+    want = render_polychromatic(volume.data, volume.affine, cam, spectrum=spectrum, output="line_integral")
+    assert_close(np.load(tmp_path / "p.npy"), want[0].numpy())
+    ok(
+        invoke(
+            "render",
+            "--ct",
+            ct,
+            "--out",
+            tmp_path / "s.npy",
+            "--size",
+            SIZE,
+            "--physics",
+            "simulated",
+            "--kvp",
+            70,
+            "--seed",
+            3,
+        )
+    )
+    sim = simulate_xray(volume.data, volume.affine, cam, spectrum=spectrum, seed=3)
+    np.testing.assert_array_equal(np.load(tmp_path / "s.npy"), sim[0].numpy())
+    # side by side: three captioned panels, each with the CT's shadow
+    ok(invoke("render", "--ct", ct, "--out", tmp_path / "c.png", "--size", SIZE, "--compare"))
+    with Image.open(tmp_path / "c.png") as im:
+        assert im.size[0] == 3 * SIZE + 2 * 4 and im.size[1] > SIZE
+    # options that only mean something for the monochromatic renderer are refused
+    assert_user_error(
+        invoke(
+            "render", "--ct", ct, "--out", tmp_path / "x.npy", "--physics", "poly", "--output", "intensity"
+        ),
+        "--physics mono",
+    )
+    assert_user_error(
+        invoke("render", "--ct", ct, "--out", tmp_path / "y.npy", "--physics", "poly", "--kvp", 500), "--kvp"
+    )
+    assert_user_error(invoke("render", "--ct", ct, "--out", tmp_path / "z.npy", "--compare"), ".png")
+
+
+def test_demo_compare_shows_three_physics_models(tmp_path: Path) -> None:
+    out = tmp_path / "demo.png"
+    ok(invoke("demo", "--size", 32, "--compare", "--out", out))
+    with Image.open(out) as im:
+        pixels = np.asarray(im.convert("L"), dtype=np.float64)
+    assert pixels.shape[1] == 3 * 32 + 2 * 4
+    caption = pixels.shape[0] - 32
+    tiles = [pixels[caption:, (32 + 4) * v : (32 + 4) * v + 32] for v in range(3)]
+    assert all(t.max() > t.min() for t in tiles)
+    assert not np.array_equal(tiles[0], tiles[1]) and not np.array_equal(tiles[1], tiles[2])
+
+
 def test_render_siddon_and_angles(ct: Path, tmp_path: Path) -> None:
     ok(invoke("render", "--ct", ct, "--out", tmp_path / "s.npy", "--size", SIZE, "--method", "siddon"))
     assert_close(np.load(tmp_path / "s.npy"), expected(ct, method="siddon"))

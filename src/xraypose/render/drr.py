@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from ..errors import GeometryError, InputError
 from ..geometry.camera import Camera, Intrinsics, validate_pixels, validate_pose
 from ._cache import DerivedCache
-from .transfer import TransferFunction
 from .engine import (
     BACKENDS,
     METHODS,
@@ -28,6 +27,7 @@ from .engine import (
     integrate_rays,
     support_box,
 )
+from .transfer import TransferFunction
 
 __all__ = [
     "DRR",

@@ -117,7 +117,7 @@ def _marching_perm(extent: np.ndarray) -> list[int]:
 
 def _kernel_forward(method: str, vol_np, src, dirv, t0, t1, nsamp, tf=None) -> np.ndarray:
     """Run the method's forward kernel → ``(R, C)`` t-integrals (``tf``: transfer-table arrays, trilinear)."""
-    channels = vol_np.shape[0] if tf is None else tf[0].shape[1]
+    channels = vol_np.shape[0] if tf is None else tf[3]
     out = np.empty((src.shape[0], channels), dtype=vol_np.dtype)
     if method == "trilinear":
         _trilinear.trilinear_forward(vol_np, src, dirv, t0, t1, nsamp, out, tf)

@@ -116,6 +116,19 @@ class TransferFunction:
             volume = volume[0]
         return self(volume).movedim(-1, 0).contiguous()
 
-    def kernel_arrays(self, dtype: torch.dtype) -> tuple[np.ndarray, float, float]:
-        """``(table (K, C) contiguous, x0, 1/dx)`` for the Numba kernels."""
-        return np.ascontiguousarray(self.table.to(dtype).numpy()), float(self.x0), 1.0 / float(self.dx)
+    def kernel_arrays(self, dtype: torch.dtype) -> tuple[np.ndarray, float, float, int]:
+        """``(packed table, x0, 1/dx, C)`` for the Numba kernels.
+
+        The packed table is ``(K, 2W)`` with ``W = 4`` for up to four channels (else ``W = C``): row ``k`` holds
+        the channel values at knot ``k`` (zero-padded to ``W``), then their differences to knot ``k + 1`` (the
+        last row repeats the previous differences), so one sample reads one contiguous row.
+        """
+        C = self.channels
+        width = 4 if C <= 4 else C
+        tab = self.table
+        packed = torch.zeros((tab.shape[0], 2 * width), dtype=torch.float64)
+        packed[:, :C] = tab
+        diff = tab[1:] - tab[:-1]
+        packed[:-1, width : width + C] = diff
+        packed[-1, width : width + C] = diff[-1]
+        return np.ascontiguousarray(packed.to(dtype).numpy()), float(self.x0), 1.0 / float(self.dx), C

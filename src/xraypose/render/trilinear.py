@@ -19,7 +19,6 @@ Siddon's piecewise-constant model.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import numba
@@ -250,23 +249,25 @@ def _backward_volume(src, dirv, t0, t1, nsamp, grad_out, buffers):  # pragma: no
 
 
 @numba.njit(inline="always", fastmath=True, cache=True)
-def _lut_row(v, x0, inv_dx, K, C):  # pragma: no cover - compiled
-    """Flat table offset of the knot segment holding ``v`` and the fraction in it (linear extrapolation)."""
+def _lut_row(v, x0, inv_dx, K, W):  # pragma: no cover - compiled
+    """Flat offset of the packed table row of the knot segment holding ``v``, and the fraction in it.
+
+    The fraction is not clamped, so values beyond the end knots extend the end segments linearly.
+    """
     s = (v - x0) * inv_dx
-    i = math.floor(s)
-    if i < 0:
-        i = 0
-    elif i > K - 2:
-        i = K - 2
-    return i * C, s - i
+    i = int(min(max(s, 0.0), K - 2.0))
+    return i * 2 * W, s - i
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def _forward_tf(volp, lut, x0, inv_dx, src, dirv, t0, t1, nsamp, out):  # pragma: no cover - compiled
-    # volp: (1, I+2, J+2, K+2) scalar volume; lut: (K, C) piecewise-linear transfer table. Each sample
-    # interpolates the scalar once, then maps it to every channel (post-classification).
+    # volp: (1, I+2, J+2, K+2) scalar volume; lut: packed transfer table (K, 2W), row k = [values at knot k,
+    # differences to knot k+1], W ≥ C channels. Each sample interpolates the scalar once, then maps it to
+    # every channel (post-classification). W = 4 runs four fixed accumulators (one SIMD-friendly row).
     _, _, Jp, Kp = volp.shape
-    K, C = lut.shape
+    K = lut.shape[0]
+    W = lut.shape[1] // 2
+    C = out.shape[1]
     sj = Kp
     si = Jp * Kp
     flat = volp.reshape(-1)
@@ -287,7 +288,7 @@ def _forward_tf(volp, lut, x0, inv_dx, src, dirv, t0, t1, nsamp, out):  # pragma
         dx = dirv[r, 0]
         dy = dirv[r, 1]
         dz = dirv[r, 2]
-        if C <= 4:  # scalar accumulators for the usual material counts (air, soft tissue, bone, metal)
+        if W == 4:
             a0 = 0.0
             a1 = 0.0
             a2 = 0.0
@@ -295,14 +296,11 @@ def _forward_tf(volp, lut, x0, inv_dx, src, dirv, t0, t1, nsamp, out):  # pragma
             for k in range(n):
                 base, fx, fy, fz = _cell(sx, sy, sz, dx, dy, dz, a + (k + 0.5) * h, si, sj)
                 v = _interp(flat, base, si, sj, fx, fy, fz)
-                o, u = _lut_row(v, x0, inv_dx, K, C)
-                a0 += tab[o] + (tab[o + C] - tab[o]) * u
-                if C > 1:
-                    a1 += tab[o + 1] + (tab[o + C + 1] - tab[o + 1]) * u
-                if C > 2:
-                    a2 += tab[o + 2] + (tab[o + C + 2] - tab[o + 2]) * u
-                if C > 3:
-                    a3 += tab[o + 3] + (tab[o + C + 3] - tab[o + 3]) * u
+                o, u = _lut_row(v, x0, inv_dx, K, 4)
+                a0 += tab[o] + tab[o + 4] * u
+                a1 += tab[o + 1] + tab[o + 5] * u
+                a2 += tab[o + 2] + tab[o + 6] * u
+                a3 += tab[o + 3] + tab[o + 7] * u
             out[r, 0] = a0 * h
             if C > 1:
                 out[r, 1] = a1 * h
@@ -316,9 +314,9 @@ def _forward_tf(volp, lut, x0, inv_dx, src, dirv, t0, t1, nsamp, out):  # pragma
             for k in range(n):
                 base, fx, fy, fz = _cell(sx, sy, sz, dx, dy, dz, a + (k + 0.5) * h, si, sj)
                 v = _interp(flat, base, si, sj, fx, fy, fz)
-                o, u = _lut_row(v, x0, inv_dx, K, C)
+                o, u = _lut_row(v, x0, inv_dx, K, W)
                 for c in range(C):
-                    out[r, c] += tab[o + c] + (tab[o + C + c] - tab[o + c]) * u
+                    out[r, c] += tab[o + c] + tab[o + W + c] * u
             for c in range(C):
                 out[r, c] *= h
 
@@ -329,7 +327,9 @@ def _backward_tf(
 ):  # pragma: no cover
     # As _backward, for f(p) = Σ_c w_c · lut_c(v(p)): value Σ_c w_c lut_c(v), gradient Σ_c w_c lut_c'(v) ∇v.
     _, _, Jp, Kp = volp.shape
-    K, C = lut.shape
+    K = lut.shape[0]
+    W = lut.shape[1] // 2
+    C = grad_out.shape[1]
     sj = Kp
     si = Jp * Kp
     flat = volp.reshape(-1)
@@ -362,20 +362,32 @@ def _backward_tf(
         cc = 0.0
         sw = 0.0
         inv_n = 1.0 / n
+        w0 = grad_out[r, 0]
+        w1 = grad_out[r, 1] if C > 1 else 0.0
+        w2 = grad_out[r, 2] if C > 2 else 0.0
+        w3 = grad_out[r, 3] if C > 3 else 0.0
         for k in range(n):
             ck = (k + 0.5) * inv_n
             t = a + ck * (b - a)
             base, fx, fy, fz = _cell(sx, sy, sz, dx, dy, dz, t, si, sj)
             v, gx, gy, gz = _interp_grad(flat, base, si, sj, fx, fy, fz)
-            o, u = _lut_row(v, x0, inv_dx, K, C)
-            fv = 0.0
-            slope = 0.0
-            for c in range(C):
-                w = grad_out[r, c]
-                lo = tab[o + c]
-                d = tab[o + C + c] - lo
-                fv += w * (lo + d * u)
-                slope += w * d
+            o, u = _lut_row(v, x0, inv_dx, K, W)
+            if W == 4:  # one packed row against the ray's four channel weights, held in registers
+                fv = (
+                    w0 * (tab[o] + tab[o + 4] * u)
+                    + w1 * (tab[o + 1] + tab[o + 5] * u)
+                    + w2 * (tab[o + 2] + tab[o + 6] * u)
+                    + w3 * (tab[o + 3] + tab[o + 7] * u)
+                )
+                slope = w0 * tab[o + 4] + w1 * tab[o + 5] + w2 * tab[o + 6] + w3 * tab[o + 7]
+            else:
+                fv = 0.0
+                slope = 0.0
+                for c in range(C):
+                    w = grad_out[r, c]
+                    d = tab[o + W + c]
+                    fv += w * (tab[o + c] + d * u)
+                    slope += w * d
             slope *= inv_dx
             gx *= slope
             gy *= slope
@@ -405,7 +417,9 @@ def _backward_volume_tf(
 ):  # pragma: no cover
     # d/dv of Σ_c w_c lut_c(v) at each sample is Σ_c w_c lut_c'(v); scatter it trilinearly (scalar volume).
     nchunk, _, _, Jp, Kp = buffers.shape
-    K, C = lut.shape
+    K = lut.shape[0]
+    W = lut.shape[1] // 2
+    C = grad_out.shape[1]
     sj = Kp
     si = Jp * Kp
     vflat = volp.reshape(-1)
@@ -421,6 +435,10 @@ def _backward_volume_tf(
             if n <= 0 or b <= a:
                 continue
             h = (b - a) / n
+            w0 = grad_out[r, 0]
+            w1 = grad_out[r, 1] if C > 1 else 0.0
+            w2 = grad_out[r, 2] if C > 2 else 0.0
+            w3 = grad_out[r, 3] if C > 3 else 0.0
             sx = src[r, 0] + 1.0
             sy = src[r, 1] + 1.0
             sz = src[r, 2] + 1.0
@@ -429,10 +447,13 @@ def _backward_volume_tf(
                     sx, sy, sz, dirv[r, 0], dirv[r, 1], dirv[r, 2], a + (k + 0.5) * h, si, sj
                 )
                 v = _interp(vflat, o, si, sj, fx, fy, fz)
-                row, _u = _lut_row(v, x0, inv_dx, K, C)
-                slope = 0.0
-                for c in range(C):
-                    slope += grad_out[r, c] * (tab[row + C + c] - tab[row + c])
+                row, _u = _lut_row(v, x0, inv_dx, K, W)
+                if W == 4:
+                    slope = w0 * tab[row + 4] + w1 * tab[row + 5] + w2 * tab[row + 6] + w3 * tab[row + 7]
+                else:
+                    slope = 0.0
+                    for c in range(C):
+                        slope += grad_out[r, c] * tab[row + W + c]
                 w = slope * inv_dx * h
                 flat[o] += w * (1 - fx) * (1 - fy) * (1 - fz)
                 flat[o + 1] += w * (1 - fx) * (1 - fy) * fz
@@ -466,12 +487,12 @@ def trilinear_forward(
     t1: np.ndarray,
     nsamp: np.ndarray,
     out: np.ndarray,
-    transfer: tuple[np.ndarray, float, float] | None = None,
+    transfer: tuple[np.ndarray, float, float, int] | None = None,
 ) -> None:
     """Fill ``out`` (R, C) with the midpoint-rule integrals of each ray (see the module docstring).
 
     ``volp`` is the volume padded by :func:`pad_volume`; ray coordinates refer to the unpadded grid. With
-    ``transfer = (table (K, C), x0, 1/dx)`` (see :class:`~xraypose.render.transfer.TransferFunction`),
+    ``transfer = (packed table (K, 2W), x0, 1/dx, C)`` (see ``TransferFunction.kernel_arrays``),
     ``volp`` is one scalar channel and each sample is mapped through the table before accumulating.
     """
     if transfer is None:
@@ -492,7 +513,7 @@ def trilinear_backward(
     g_dirv: np.ndarray,
     g_t0: np.ndarray,
     g_t1: np.ndarray,
-    transfer: tuple[np.ndarray, float, float] | None = None,
+    transfer: tuple[np.ndarray, float, float, int] | None = None,
 ) -> None:
     """Gradient of ``Σ grad_out · out`` w.r.t. ``src``, ``dirv``, ``t0`` and ``t1`` (written in place).
 
@@ -503,7 +524,7 @@ def trilinear_backward(
     if transfer is None:
         _backward(volp, src, dirv, t0, t1, nsamp, grad_out, g_src, g_dirv, g_t0, g_t1)
     else:
-        lut, x0, inv_dx = transfer
+        lut, x0, inv_dx, _ = transfer
         _backward_tf(volp, lut, x0, inv_dx, src, dirv, t0, t1, nsamp, grad_out, g_src, g_dirv, g_t0, g_t1)
 
 
@@ -515,7 +536,7 @@ def trilinear_backward_volume(
     t1: np.ndarray,
     nsamp: np.ndarray,
     grad_out: np.ndarray,
-    transfer: tuple[np.ndarray, float, float] | None = None,
+    transfer: tuple[np.ndarray, float, float, int] | None = None,
     volp: np.ndarray | None = None,
 ) -> np.ndarray:
     """Gradient of ``Σ grad_out · out`` w.r.t. the (unpadded) volume of shape ``shape = (C, I, J, K)``.

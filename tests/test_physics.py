@@ -10,7 +10,14 @@ from xraypose.errors import InputError
 from xraypose.geometry import Camera, Intrinsics, ap_view, carm_pose
 from xraypose.geometry.se3 import se3_exp
 from xraypose.io import hu_to_mu, load_default_ct
-from xraypose.physics.materials import MATERIALS, MaterialModel, hu_to_density, mass_attenuation, smoothstep
+from xraypose.physics.materials import (
+    DEEPDRR_DENSITY,
+    MATERIALS,
+    MaterialModel,
+    hu_to_density,
+    mass_attenuation,
+    smoothstep,
+)
 from xraypose.physics.polychromatic import (
     PolychromaticDRR,
     attenuate,
@@ -19,7 +26,7 @@ from xraypose.physics.polychromatic import (
 )
 from xraypose.physics.spectrum import Spectrum, monoenergetic, tube_spectrum
 from xraypose.render import render
-from xraypose.render.transfer import TransferFunction
+from xraypose.render.transfer import ThresholdTransfer, TransferFunction
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +111,10 @@ def test_material_model_fractions_density_and_transfer():
     assert float(smoothstep(torch.tensor(349.0), 350.0, 0.0)) == 0.0
     # the tabulated transfer function reproduces the model
     tf = m.transfer()
-    assert isinstance(tf, TransferFunction) and tf.names == m.names
-    assert torch.allclose(tf(hu), m.channels(hu), atol=1e-3)  # 2 HU knots: within 1e-3 g/cm³
+    assert isinstance(tf, ThresholdTransfer) and tf.names == m.names
+    assert torch.allclose(tf(hu), m.channels(hu), atol=1e-12)  # closed form: exact
+    hard = MaterialModel(transition_hu=0.0).transfer()  # hard thresholds: tabulated every 2 HU
+    assert isinstance(hard, TransferFunction) and hard.dx == 2.0
     assert tf is m.transfer()  # cached
     with pytest.raises(InputError, match="increasing"):
         MaterialModel(air_max_hu=500.0, bone_min_hu=300.0)
@@ -182,9 +191,7 @@ def test_material_channels_add_up_to_the_total_density(default_ct, method):
     L = material_path_lengths(hu, aff, cam, materials=model, method=method)
     assert L.shape == (1, 3, 48, 48)
     assert float(L[:, 2].max()) > 0.5 and float(L[:, 0].max()) > 0  # bone and air present
-    rho_tf = TransferFunction(
-        model.transfer().x0, model.transfer().dx, model.transfer().table.sum(1, keepdim=True)
-    )
+    rho_tf = ThresholdTransfer(DEEPDRR_DENSITY, (), width=1.0)  # one channel: ρ(HU) itself
     total = render(hu, aff, cam, transfer=rho_tf, method=method)[:, 0] * 0.1
     assert torch.allclose(L.sum(1), total, rtol=1e-5, atol=1e-6)
     if method == "siddon":  # voxels are constant: the channels sum to ∫ ρ(HU) dl

@@ -11,7 +11,7 @@ from xraypose.errors import InputError
 from xraypose.geometry import Camera, Intrinsics, carm_pose
 from xraypose.geometry.se3 import se3_exp
 from xraypose.render import render
-from xraypose.render.transfer import TransferFunction
+from xraypose.render.transfer import ThresholdTransfer, TransferFunction
 
 
 def _ramp_channels(x: torch.Tensor) -> torch.Tensor:
@@ -22,6 +22,8 @@ def _ramp_channels(x: torch.Tensor) -> torch.Tensor:
 
 
 TF = TransferFunction.from_function(_ramp_channels, -1100, 1500, 5.0, names=("a", "b", "c"))
+THR = ThresholdTransfer((0.001029, 1.03, 0.0005886, 1.03), (-300.0, 200.0, 600.0), 150.0)
+TRANSFERS = {"table": TF, "threshold": THR}
 
 
 def _scene(shape=(14, 12, 10), rows=10, cols=9, dtype=torch.float64, seed=0):
@@ -65,8 +67,10 @@ def test_zero_below_and_errors():
         TransferFunction(0.0, 1.0, torch.zeros(3, 2), names=("x",))
 
 
+@pytest.mark.parametrize("kind", sorted(TRANSFERS))
 @pytest.mark.parametrize("method", ["trilinear", "siddon"])
-def test_fused_equals_reference_forward_and_backward(method):
+def test_fused_equals_reference_forward_and_backward(method, kind):
+    tf = TRANSFERS[kind]
     vol, aff, cam = _scene()
     w = None
     results = []
@@ -74,14 +78,14 @@ def test_fused_equals_reference_forward_and_backward(method):
         v = vol.clone().requires_grad_(True)
         p = cam.pose.clone().requires_grad_(True)
         img = render(
-            v, aff, Camera(cam.intrinsics, p), method=method, transfer=TF, backend=backend, multires=False
+            v, aff, Camera(cam.intrinsics, p), method=method, transfer=tf, backend=backend, multires=False
         )
         if w is None:
             w = torch.randn_like(img)
         (img * w).sum().backward()
         results.append((img.detach(), p.grad, v.grad))
     (a, pa, va), (b, pb, vb) = results
-    assert a.shape == (2, 3, 10, 9)
+    assert a.shape == (2, tf.channels, 10, 9)
     assert float(b.abs().max()) > 1.0
     for x, y in ((a, b), (pa, pb), (va, vb)):
         assert float((x - y).abs().max() / y.abs().max()) < 1e-9
@@ -126,8 +130,10 @@ def test_trilinear_transfer_is_post_classification():
     assert float(pre) < 0.1 * exact
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_pose_and_volume_gradcheck_with_transfer(seed):
+@pytest.mark.parametrize("kind", sorted(TRANSFERS))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_pose_and_volume_gradcheck_with_transfer(seed, kind):
+    tf = TRANSFERS[kind]
     vol, aff, cam = _scene(shape=(7, 6, 5), rows=4, cols=3)
     pose = cam.pose[:1]
 
@@ -136,7 +142,7 @@ def test_pose_and_volume_gradcheck_with_transfer(seed):
             vol,
             aff,
             Camera(cam.intrinsics, se3_exp(xi) @ pose),
-            transfer=TF,
+            transfer=tf,
             backend="fused",
             multires=False,
             n_samples=17,  # a fixed count: the default step's count jumps with the chord length
@@ -148,16 +154,32 @@ def test_pose_and_volume_gradcheck_with_transfer(seed):
     assert torch.autograd.gradcheck(by_pose, (xi,), eps=1e-6, atol=1e-5, rtol=1e-3)
 
     def by_volume(v):
-        return render(v, aff, Camera(cam.intrinsics, pose), transfer=TF, backend="fused", multires=False)
+        return render(v, aff, Camera(cam.intrinsics, pose), transfer=tf, backend="fused", multires=False)
 
     assert torch.autograd.gradcheck(
         by_volume, (vol.clone().requires_grad_(True),), eps=1e-3, atol=1e-6, rtol=1e-3
     )
 
 
+def test_threshold_transfer_closed_form_and_errors():
+    v = torch.linspace(-1200, 1200, 4801, dtype=torch.float64)
+    f = THR(v)
+    rho = torch.clamp(torch.minimum(0.001029 * v + 1.03, 0.0005886 * v + 1.03), min=0)
+    assert torch.allclose(f.sum(-1), rho, atol=1e-12)  # a partition of the density
+    assert float(f.min()) >= 0
+    assert torch.allclose(
+        THR(torch.tensor([-1000.0, -100.0, 400.0, 1000.0], dtype=torch.float64)).argmax(-1), torch.arange(4)
+    )
+    assert THR.zero_below == pytest.approx(-1.03 / 0.001029)
+    with pytest.raises(InputError, match="width"):
+        ThresholdTransfer((1.0, 0.0, 1.0, 0.0), (0.0,), 0.0)
+    with pytest.raises(InputError, match="edges"):
+        ThresholdTransfer((1.0, 0.0, 1.0, 0.0), (1.0, 0.0), 1.0)
+
+
 def test_transfer_needs_a_scalar_volume():
     vol, aff, cam = _scene()
     with pytest.raises(InputError, match="one scalar channel"):
         render(torch.stack([vol, vol]), aff, cam, transfer=TF)
-    with pytest.raises(InputError, match="TransferFunction"):
+    with pytest.raises(InputError, match="Transfer"):
         render(vol, aff, cam, transfer=lambda x: x)  # type: ignore[arg-type]

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..render.transfer import TransferFunction
+from ..render.transfer import ThresholdTransfer, Transfer, TransferFunction
 
 __all__ = [
     "MATERIALS",
@@ -102,9 +102,14 @@ MATERIALS: dict[str, Material] = {
 }
 
 
+#: DeepDRR's density model as (a1, b1, a2, b2): ρ = max(min(a1·HU + b1, a2·HU + b2), 0) g/cm³.
+DEEPDRR_DENSITY = (0.001029, 1.03, 0.0005886, 1.03)
+
+
 def hu_to_density(hu: torch.Tensor) -> torch.Tensor:
     """Mass density (g/cm³) from HU: ``max(min(0.001029·HU + 1.03, 0.0005886·HU + 1.03), 0)``."""
-    return torch.clamp(torch.minimum(0.001029 * hu + 1.03, 0.0005886 * hu + 1.03), min=0.0)
+    a1, b1, a2, b2 = DEEPDRR_DENSITY
+    return torch.clamp(torch.minimum(a1 * hu + b1, a2 * hu + b2), min=0.0)
 
 
 def smoothstep(x: torch.Tensor, edge: float, width: float) -> torch.Tensor:
@@ -147,7 +152,7 @@ class MaterialModel:
         metal_min_hu: bone/metal boundary (HU); ``None`` (default) leaves metal out.
         transition_hu: width of each smooth boundary (HU); 0 gives hard thresholds (not differentiable).
         metal: the metal's material name (default titanium).
-        table_step_hu: knot spacing of the tabulated transfer function used by the renderer (HU).
+        table_step_hu: knot spacing (HU) of the tabulated transfer function used for hard thresholds.
         table_range_hu: HU range tabulated; beyond it the channels continue linearly.
     """
 
@@ -195,8 +200,13 @@ class MaterialModel:
         """Per-material density ``ρ(HU)·w_m(HU)`` (g/cm³), ``(..., M)``; differentiable in HU."""
         return hu_to_density(hu).unsqueeze(-1) * self.fractions(hu)
 
-    def transfer(self) -> TransferFunction:
-        """The model tabulated as a transfer function for the ray engine (HU → M density channels)."""
+    def transfer(self) -> Transfer:
+        """The model as a transfer function for the ray engine (HU → M density channels, g/cm³).
+
+        With smooth boundaries (``transition_hu > 0``) it is the closed-form
+        :class:`~xraypose.render.transfer.ThresholdTransfer`, evaluated exactly at every sample; hard thresholds
+        are tabulated every ``table_step_hu`` HU (:class:`~xraypose.render.transfer.TransferFunction`).
+        """
         return _transfer_for(self)
 
     def channels_from_labels(
@@ -223,15 +233,20 @@ class MaterialModel:
 
 
 @lru_cache(maxsize=16)
-def _transfer_key(model_key: tuple) -> TransferFunction:
+def _transfer_key(model_key: tuple) -> Transfer:
     model = MaterialModel(*model_key[:-1], table_range_hu=model_key[-1])
+    edges = (model.air_max_hu, model.bone_min_hu) + (
+        (model.metal_min_hu,) if model.metal_min_hu is not None else ()
+    )
+    if model.transition_hu > 0:
+        return ThresholdTransfer(DEEPDRR_DENSITY, edges, model.transition_hu, names=model.names)
     lo, hi = model.table_range_hu
     # knots aligned on multiples of the step so that the density model's kink at 0 HU is a knot
     lo = math.floor(lo / model.table_step_hu) * model.table_step_hu
     return TransferFunction.from_function(model.channels, lo, hi, model.table_step_hu, names=model.names)
 
 
-def _transfer_for(model: MaterialModel) -> TransferFunction:
+def _transfer_for(model: MaterialModel) -> Transfer:
     key = (
         model.air_max_hu,
         model.bone_min_hu,

@@ -27,7 +27,7 @@ from .engine import (
     integrate_rays,
     support_box,
 )
-from .transfer import TransferFunction
+from .transfer import Transfer
 
 __all__ = [
     "DRR",
@@ -162,7 +162,7 @@ def render(
     multires: bool | None = None,
     backend: Backend = "auto",
     output: Output = "line_integral",
-    transfer: TransferFunction | None = None,
+    transfer: Transfer | None = None,
 ) -> torch.Tensor:
     """Render DRRs of a volume seen by a batch of cameras.
 
@@ -184,7 +184,7 @@ def render(
         backend: ``"auto"`` (fused Numba kernels on CPU; Triton for trilinear on CUDA when installed; PyTorch
             otherwise, and inside :func:`~xraypose.render.double_differentiable`), ``"fused"`` or ``"reference"``.
         output: ``"line_integral"`` (``∫ μ ds``) or ``"intensity"`` (Beer–Lambert ``exp(−∫ μ ds)``).
-        transfer: a :class:`~xraypose.render.transfer.TransferFunction` mapping a scalar ``density`` (e.g. HU)
+        transfer: a :class:`~xraypose.render.transfer.Transfer` mapping a scalar ``density`` (e.g. HU)
             to ``C`` channels; trilinear applies it at every sample (post-classification, one pass over the
             rays for all channels), Siddon voxel by voxel. Used by the physics renderer for material channels.
     Returns:
@@ -206,8 +206,10 @@ def render(
     if n_samples is not None and (not isinstance(n_samples, int) or n_samples < 1):
         raise InputError(f"n_samples: expected a positive integer, got {n_samples!r}")
     if transfer is not None:
-        if not isinstance(transfer, TransferFunction):
-            raise InputError(f"transfer: expected a TransferFunction, got {type(transfer).__name__}")
+        if not isinstance(transfer, Transfer):
+            raise InputError(
+                f"transfer: expected a Transfer (e.g. TransferFunction), got {type(transfer).__name__}"
+            )
         if density.shape[0] != 1:
             raise InputError(
                 f"density: a transfer function maps one scalar channel, got {density.shape[0]} channels"
@@ -303,7 +305,7 @@ def render(
 
 
 def _transfer_support(
-    density: torch.Tensor, transfer: TransferFunction
+    density: torch.Tensor, transfer: Transfer
 ) -> tuple[tuple[float, float, float], tuple[float, float, float]] | None:
     """Empty-space box for a scalar volume read through ``transfer``: voxels at or below the transfer's
     all-zero range cannot make a non-zero sample, since trilinear values stay within their corners' range."""
@@ -381,7 +383,7 @@ class DRR:
         multires: bool | None = None,
         backend: Backend = "auto",
         output: Output = "line_integral",
-        transfer: TransferFunction | None = None,
+        transfer: Transfer | None = None,
     ) -> None:
         self.density, _ = _validate_density(density)
         self._squeeze = density.ndim == 3

@@ -27,7 +27,7 @@ from . import siddon as _siddon
 from . import trilinear as _trilinear
 from ._cache import DerivedCache
 from ._triton import TritonTrilinear, triton_available
-from .transfer import TransferFunction
+from .transfer import Transfer
 
 __all__ = ["Backend", "Method", "box_intersection", "integrate_camera", "integrate_rays", "support_box"]
 
@@ -162,7 +162,7 @@ class _FusedIntegral(torch.autograd.Function):
         t0_np = t0.detach().to(dtype).contiguous().numpy()
         t1_np = t1.detach().to(dtype).contiguous().numpy()
         n_np = nsamp.to(torch.int32).contiguous().numpy() if method == "trilinear" else None
-        tf = transfer.kernel_arrays(dtype) if transfer is not None else None
+        tf = transfer.kernel_spec(dtype) if transfer is not None else None
         out = _kernel_forward(method, vol_np, src_np, dir_np, t0_np, t1_np, n_np, tf)
         ctx.tf = tf
         ctx.method = method
@@ -268,7 +268,7 @@ def integrate_camera(
     method: Method,
     step_mm: float,
     n_samples: int | None,
-    transfer: TransferFunction | None = None,
+    transfer: Transfer | None = None,
 ) -> torch.Tensor:
     """Fused CPU path: line integrals (mm-weighted) of the rays of a camera, ``(B, N, C)``.
 
@@ -292,15 +292,15 @@ def integrate_camera(
     lo = np.asarray(box[0], dtype=np_dtype)
     hi = np.asarray(box[1], dtype=np_dtype)
     A = np.ascontiguousarray(affine_linear.detach().to(dtype).numpy())
-    tf = transfer.kernel_arrays(dtype) if transfer is not None else None
+    tf = transfer.kernel_spec(dtype) if transfer is not None else None
     return _FusedCameraIntegral.apply(
         method, vol, M.to(dtype), pix_np, lo, hi, A, step_mm, n_samples or 0, tf
     )
 
 
 def _classify_for(
-    method: str, vol: torch.Tensor, transfer: TransferFunction | None
-) -> tuple[torch.Tensor, TransferFunction | None]:
+    method: str, vol: torch.Tensor, transfer: Transfer | None
+) -> tuple[torch.Tensor, Transfer | None]:
     """Check a transfer function's input and, for Siddon (piecewise-constant voxels), apply it per voxel."""
     if transfer is None:
         return vol, None
@@ -320,7 +320,7 @@ def _reference(
     t1: torch.Tensor,
     nsamp: torch.Tensor | None,
     chunk: int,
-    transfer: TransferFunction | None = None,
+    transfer: Transfer | None = None,
 ) -> torch.Tensor:
     outs = []
     for start in range(0, src.shape[0], chunk):
@@ -348,7 +348,7 @@ def integrate_rays(
     nsamp: torch.Tensor | None = None,
     backend: Backend = "auto",
     chunk: int = 4096,
-    transfer: TransferFunction | None = None,
+    transfer: Transfer | None = None,
 ) -> torch.Tensor:
     """Integrate ``vol`` (C, I, J, K) along rays given in voxel-index coordinates → ``(R, C)``.
 

@@ -1,5 +1,9 @@
 """Transfer functions: a scalar volume (e.g. HU) mapped to several channels *at each ray sample*.
 
+Two kinds share one interface (:class:`Transfer`): a tabulated :class:`TransferFunction` (any shape) and the
+closed-form :class:`ThresholdTransfer` (a piecewise-linear density split into materials by smooth
+thresholds — the physics renderer's model, evaluated exactly and faster than a table lookup).
+
 A :class:`TransferFunction` is a piecewise-linear map ``f: ℝ → ℝ^C`` tabulated on uniform knots
 ``x_k = x0 + k·dx`` (``k = 0 … K−1``), extended linearly beyond the end knots. The ray engine applies it
 after trilinear interpolation of the scalar volume (*post-classification*): one pass over the rays
@@ -13,6 +17,7 @@ map is applied voxel by voxel before integrating, which is the same thing for th
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,11 +27,42 @@ import torch
 
 from ..errors import InputError
 
-__all__ = ["TransferFunction"]
+__all__ = ["ThresholdTransfer", "Transfer", "TransferFunction"]
+
+
+class Transfer:
+    """Interface of a per-sample map from a scalar to ``C`` channels (see the module docstring)."""
+
+    names: tuple[str, ...]
+
+    @property
+    def channels(self) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def zero_below(self) -> float | None:  # pragma: no cover - abstract
+        """Largest ``a`` such that every channel is zero for all ``v ≤ a`` (``None`` if there is none)."""
+        raise NotImplementedError
+
+    def __call__(self, values: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """Evaluate at ``values`` (any shape) → ``(..., C)``; differentiable w.r.t. ``values``."""
+        raise NotImplementedError
+
+    def kernel_spec(self, dtype: torch.dtype) -> tuple[int, np.ndarray, np.ndarray, int]:  # pragma: no cover
+        """``(kind, table, params, C)`` for the fused kernels."""
+        raise NotImplementedError
+
+    def apply_to_volume(self, volume: torch.Tensor) -> torch.Tensor:
+        """Classify a scalar ``(I, J, K)`` (or ``(1, I, J, K)``) volume voxel by voxel → ``(C, I, J, K)``."""
+        if volume.ndim == 4:
+            if volume.shape[0] != 1:
+                raise InputError(f"transfer function: expected one scalar channel, got {volume.shape[0]}")
+            volume = volume[0]
+        return self(volume).movedim(-1, 0).contiguous()
 
 
 @dataclass(frozen=True, eq=False)
-class TransferFunction:
+class TransferFunction(Transfer):
     """Piecewise-linear map from a scalar (e.g. HU) to ``C`` channels.
 
     Args:
@@ -108,16 +144,8 @@ class TransferFunction:
         lo = table[i]
         return lo + (table[i + 1] - lo) * u
 
-    def apply_to_volume(self, volume: torch.Tensor) -> torch.Tensor:
-        """Classify a scalar ``(I, J, K)`` (or ``(1, I, J, K)``) volume voxel by voxel → ``(C, I, J, K)``."""
-        if volume.ndim == 4:
-            if volume.shape[0] != 1:
-                raise InputError(f"transfer function: expected one scalar channel, got {volume.shape[0]}")
-            volume = volume[0]
-        return self(volume).movedim(-1, 0).contiguous()
-
-    def kernel_arrays(self, dtype: torch.dtype) -> tuple[np.ndarray, float, float, int]:
-        """``(packed table, x0, 1/dx, C)`` for the Numba kernels.
+    def kernel_spec(self, dtype: torch.dtype) -> tuple[int, np.ndarray, np.ndarray, int]:
+        """``(0, packed table, [x0, 1/dx], C)`` for the fused kernels.
 
         The packed table is ``(K, 2W)`` with ``W = 4`` for up to four channels (else ``W = C``): row ``k`` holds
         the channel values at knot ``k`` (zero-padded to ``W``), then their differences to knot ``k + 1`` (the
@@ -131,4 +159,77 @@ class TransferFunction:
         diff = tab[1:] - tab[:-1]
         packed[:-1, width : width + C] = diff
         packed[-1, width : width + C] = diff[-1]
-        return np.ascontiguousarray(packed.to(dtype).numpy()), float(self.x0), 1.0 / float(self.dx), C
+        params = np.array([float(self.x0), 1.0 / float(self.dx)])
+        return 0, np.ascontiguousarray(packed.to(dtype).numpy()), params, C
+
+
+@dataclass(frozen=True, eq=False)
+class ThresholdTransfer(Transfer):
+    """A piecewise-linear density split into up to four ordered materials by C¹ smooth thresholds.
+
+    ``f_c(v) = ρ(v) · (S_c(v) − S_{c+1}(v))`` with ``ρ(v) = max(min(a1·v + b1, a2·v + b2), 0)``, ``S_0 ≡ 1``,
+    ``S_C ≡ 0`` and ``S_c`` the cubic smoothstep rising from 0 at ``e_c − w/2`` to 1 at ``e_c + w/2``. The
+    channels sum to ``ρ``. Evaluated in closed form in the kernels (no table).
+
+    Args:
+        density: ``(a1, b1, a2, b2)``, slopes per unit of ``v`` and intercepts (both slopes > 0).
+        edges: ``C − 1`` increasing thresholds (unit of ``v``), ``1 ≤ C ≤ 4``.
+        width: transition width ``w > 0`` (unit of ``v``).
+        names: optional channel names.
+    """
+
+    density: tuple[float, float, float, float]
+    edges: tuple[float, ...]
+    width: float
+    names: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        d = tuple(float(x) for x in self.density)
+        e = tuple(float(x) for x in self.edges)
+        if len(d) != 4 or not all(math.isfinite(x) for x in d) or d[0] <= 0 or d[2] <= 0:
+            raise InputError(
+                f"threshold transfer: expected density (a1, b1, a2, b2) with a1, a2 > 0, got {d}"
+            )
+        if (
+            len(e) > 3
+            or not all(math.isfinite(x) for x in e)
+            or any(b <= a for a, b in itertools.pairwise(e))
+        ):
+            raise InputError(f"threshold transfer: expected up to 3 increasing finite edges, got {e}")
+        if not (math.isfinite(self.width) and self.width > 0):
+            raise InputError(f"threshold transfer: expected a width > 0, got {self.width}")
+        if self.names and len(self.names) != len(e) + 1:
+            raise InputError(f"threshold transfer: {len(self.names)} names for {len(e) + 1} channels")
+        object.__setattr__(self, "density", d)
+        object.__setattr__(self, "edges", e)
+        object.__setattr__(self, "width", float(self.width))
+        object.__setattr__(self, "names", tuple(self.names))
+
+    @property
+    def channels(self) -> int:
+        return len(self.edges) + 1
+
+    @property
+    def zero_below(self) -> float | None:
+        a1, b1, a2, b2 = self.density
+        return max(-b1 / a1, -b2 / a2)
+
+    def _step(self, values: torch.Tensor, edge: float) -> torch.Tensor:
+        u = ((values - edge) / self.width + 0.5).clamp(0.0, 1.0)
+        return u * u * (3.0 - 2.0 * u)
+
+    def __call__(self, values: torch.Tensor) -> torch.Tensor:
+        a1, b1, a2, b2 = self.density
+        rho = torch.clamp(torch.minimum(a1 * values + b1, a2 * values + b2), min=0.0)
+        steps = (
+            [torch.ones_like(values)]
+            + [self._step(values, e) for e in self.edges]
+            + [torch.zeros_like(values)]
+        )
+        return torch.stack([rho * (steps[c] - steps[c + 1]) for c in range(self.channels)], -1)
+
+    def kernel_spec(self, dtype: torch.dtype) -> tuple[int, np.ndarray, np.ndarray, int]:
+        """``(1, unused table, [a1, b1, a2, b2, 1/w, e1, e2, e3], C)``; missing edges are 1e30 (steps of 0)."""
+        edges = list(self.edges) + [1e30] * (3 - len(self.edges))
+        params = np.array([*self.density, 1.0 / self.width, *edges], dtype=np.float64)
+        return 1, np.zeros((2, 8), dtype=torch.empty(0, dtype=dtype).numpy().dtype), params, self.channels

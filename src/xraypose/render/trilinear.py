@@ -326,6 +326,8 @@ def _backward_tf(
     volp, lut, x0, inv_dx, src, dirv, t0, t1, nsamp, grad_out, g_src, g_dirv, g_t0, g_t1
 ):  # pragma: no cover
     # As _backward, for f(p) = Σ_c w_c · lut_c(v(p)): value Σ_c w_c lut_c(v), gradient Σ_c w_c lut_c'(v) ∇v.
+    # Accumulates G = Σ ∇f and E = Σ c_k ∇f only (B = a·G + (b − a)·E and H·d = E·d follow at the end), to
+    # keep the loop's live values within the CPU's registers.
     _, _, Jp, Kp = volp.shape
     K = lut.shape[0]
     W = lut.shape[1] // 2
@@ -356,59 +358,81 @@ def _backward_tf(
         ax = 0.0
         ay = 0.0
         az = 0.0
-        bx = 0.0
-        by = 0.0
-        bz = 0.0
-        cc = 0.0
+        ex = 0.0
+        ey = 0.0
+        ez = 0.0
         sw = 0.0
         inv_n = 1.0 / n
         w0 = grad_out[r, 0]
         w1 = grad_out[r, 1] if C > 1 else 0.0
         w2 = grad_out[r, 2] if C > 2 else 0.0
         w3 = grad_out[r, 3] if C > 3 else 0.0
-        for k in range(n):
-            ck = (k + 0.5) * inv_n
-            t = a + ck * (b - a)
-            base, fx, fy, fz = _cell(sx, sy, sz, dx, dy, dz, t, si, sj)
-            v, gx, gy, gz = _interp_grad(flat, base, si, sj, fx, fy, fz)
-            o, u = _lut_row(v, x0, inv_dx, K, W)
-            if W == 4:  # one packed row against the ray's four channel weights, held in registers
-                fv = (
-                    w0 * (tab[o] + tab[o + 4] * u)
-                    + w1 * (tab[o + 1] + tab[o + 5] * u)
-                    + w2 * (tab[o + 2] + tab[o + 6] * u)
-                    + w3 * (tab[o + 3] + tab[o + 7] * u)
-                )
-                slope = w0 * tab[o + 4] + w1 * tab[o + 5] + w2 * tab[o + 6] + w3 * tab[o + 7]
-            else:
-                fv = 0.0
-                slope = 0.0
+        # The channel count is tested outside the sample loop: a branch inside it costs a third of the time.
+        if W == 4:  # one packed row against the ray's four channel weights
+            for k in range(n):
+                ck = (k + 0.5) * inv_n
+                base, fx, fy, fz = _cell(sx, sy, sz, dx, dy, dz, a + ck * (b - a), si, sj)
+                v, gx, gy, gz = _interp_grad(flat, base, si, sj, fx, fy, fz)
+                o, u = _lut_row(v, x0, inv_dx, K, 4)
+                dv = w0 * tab[o] + w1 * tab[o + 1] + w2 * tab[o + 2] + w3 * tab[o + 3]
+                ds = w0 * tab[o + 4] + w1 * tab[o + 5] + w2 * tab[o + 6] + w3 * tab[o + 7]
+                sw += dv + ds * u
+                slope = ds * inv_dx
+                gx *= slope
+                gy *= slope
+                gz *= slope
+                ax += gx
+                ay += gy
+                az += gz
+                ex += ck * gx
+                ey += ck * gy
+                ez += ck * gz
+        else:
+            for k in range(n):
+                ck = (k + 0.5) * inv_n
+                base, fx, fy, fz = _cell(sx, sy, sz, dx, dy, dz, a + ck * (b - a), si, sj)
+                v, gx, gy, gz = _interp_grad(flat, base, si, sj, fx, fy, fz)
+                o, u = _lut_row(v, x0, inv_dx, K, W)
+                dv = 0.0
+                ds = 0.0
                 for c in range(C):
-                    w = grad_out[r, c]
-                    d = tab[o + W + c]
-                    fv += w * (tab[o + c] + d * u)
-                    slope += w * d
-            slope *= inv_dx
-            gx *= slope
-            gy *= slope
-            gz *= slope
-            ax += gx
-            ay += gy
-            az += gz
-            bx += t * gx
-            by += t * gy
-            bz += t * gz
-            cc += ck * (gx * dx + gy * dy + gz * dz)
-            sw += fv
+                    dv += grad_out[r, c] * tab[o + c]
+                    ds += grad_out[r, c] * tab[o + W + c]
+                sw += dv + ds * u
+                slope = ds * inv_dx
+                gx *= slope
+                gy *= slope
+                gz *= slope
+                ax += gx
+                ay += gy
+                az += gz
+                ex += ck * gx
+                ey += ck * gy
+                ez += ck * gz
+        L = b - a
         g_src[r, 0] = h * ax
         g_src[r, 1] = h * ay
         g_src[r, 2] = h * az
-        g_dirv[r, 0] = h * bx
-        g_dirv[r, 1] = h * by
-        g_dirv[r, 2] = h * bz
+        g_dirv[r, 0] = h * (a * ax + L * ex)
+        g_dirv[r, 1] = h * (a * ay + L * ey)
+        g_dirv[r, 2] = h * (a * az + L * ez)
         ad = ax * dx + ay * dy + az * dz
+        cc = ex * dx + ey * dy + ez * dz
         g_t0[r] = -sw / n + h * (ad - cc)
         g_t1[r] = sw / n + h * cc
+
+
+@numba.njit(inline="always", fastmath=True, cache=True)
+def _scatter8(flat, o, si, sj, fx, fy, fz, w):  # pragma: no cover - compiled
+    """Add ``w`` to the 8 voxels at flat offset ``o`` with trilinear weights (adjoint of :func:`_interp`)."""
+    flat[o] += w * (1 - fx) * (1 - fy) * (1 - fz)
+    flat[o + 1] += w * (1 - fx) * (1 - fy) * fz
+    flat[o + sj] += w * (1 - fx) * fy * (1 - fz)
+    flat[o + sj + 1] += w * (1 - fx) * fy * fz
+    flat[o + si] += w * fx * (1 - fy) * (1 - fz)
+    flat[o + si + 1] += w * fx * (1 - fy) * fz
+    flat[o + si + sj] += w * fx * fy * (1 - fz)
+    flat[o + si + sj + 1] += w * fx * fy * fz
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
@@ -442,27 +466,25 @@ def _backward_volume_tf(
             sx = src[r, 0] + 1.0
             sy = src[r, 1] + 1.0
             sz = src[r, 2] + 1.0
-            for k in range(n):
-                o, fx, fy, fz = _cell(
-                    sx, sy, sz, dirv[r, 0], dirv[r, 1], dirv[r, 2], a + (k + 0.5) * h, si, sj
-                )
-                v = _interp(vflat, o, si, sj, fx, fy, fz)
-                row, _u = _lut_row(v, x0, inv_dx, K, W)
-                if W == 4:
+            dx = dirv[r, 0]
+            dy = dirv[r, 1]
+            dz = dirv[r, 2]
+            if W == 4:  # channel count tested outside the sample loop (see _backward_tf)
+                for k in range(n):
+                    o, fx, fy, fz = _cell(sx, sy, sz, dx, dy, dz, a + (k + 0.5) * h, si, sj)
+                    v = _interp(vflat, o, si, sj, fx, fy, fz)
+                    row, _u = _lut_row(v, x0, inv_dx, K, 4)
                     slope = w0 * tab[row + 4] + w1 * tab[row + 5] + w2 * tab[row + 6] + w3 * tab[row + 7]
-                else:
+                    _scatter8(flat, o, si, sj, fx, fy, fz, slope * inv_dx * h)
+            else:
+                for k in range(n):
+                    o, fx, fy, fz = _cell(sx, sy, sz, dx, dy, dz, a + (k + 0.5) * h, si, sj)
+                    v = _interp(vflat, o, si, sj, fx, fy, fz)
+                    row, _u = _lut_row(v, x0, inv_dx, K, W)
                     slope = 0.0
                     for c in range(C):
                         slope += grad_out[r, c] * tab[row + W + c]
-                w = slope * inv_dx * h
-                flat[o] += w * (1 - fx) * (1 - fy) * (1 - fz)
-                flat[o + 1] += w * (1 - fx) * (1 - fy) * fz
-                flat[o + sj] += w * (1 - fx) * fy * (1 - fz)
-                flat[o + sj + 1] += w * (1 - fx) * fy * fz
-                flat[o + si] += w * fx * (1 - fy) * (1 - fz)
-                flat[o + si + 1] += w * fx * (1 - fy) * fz
-                flat[o + si + sj] += w * fx * fy * (1 - fz)
-                flat[o + si + sj + 1] += w * fx * fy * fz
+                    _scatter8(flat, o, si, sj, fx, fy, fz, slope * inv_dx * h)
 
 
 def pad_volume(vol: np.ndarray) -> np.ndarray:
@@ -487,18 +509,23 @@ def trilinear_forward(
     t1: np.ndarray,
     nsamp: np.ndarray,
     out: np.ndarray,
-    transfer: tuple[np.ndarray, float, float, int] | None = None,
+    transfer: tuple[int, np.ndarray, np.ndarray, int] | None = None,
 ) -> None:
     """Fill ``out`` (R, C) with the midpoint-rule integrals of each ray (see the module docstring).
 
-    ``volp`` is the volume padded by :func:`pad_volume`; ray coordinates refer to the unpadded grid. With
-    ``transfer = (packed table (K, 2W), x0, 1/dx, C)`` (see ``TransferFunction.kernel_arrays``),
-    ``volp`` is one scalar channel and each sample is mapped through the table before accumulating.
+    ``volp`` is the volume padded by :func:`pad_volume`; ray coordinates refer to the unpadded grid. With a
+    ``transfer`` spec ``(kind, table, params, C)`` (see ``kernel_spec`` of the classes in
+    :mod:`xraypose.render.transfer`), ``volp`` is one scalar channel and each sample is mapped to ``C``
+    channels before accumulating: kind 0 reads a packed table, kind 1 evaluates a threshold transfer.
     """
     if transfer is None:
         _forward(volp, src, dirv, t0, t1, nsamp, out)
+    elif transfer[0] == 0:
+        _forward_tf(volp, transfer[1], transfer[2][0], transfer[2][1], src, dirv, t0, t1, nsamp, out)
     else:
-        _forward_tf(volp, transfer[0], transfer[1], transfer[2], src, dirv, t0, t1, nsamp, out)
+        from ._threshold import threshold_forward
+
+        threshold_forward(volp, transfer[2], src, dirv, t0, t1, nsamp, out)
 
 
 def trilinear_backward(
@@ -513,7 +540,7 @@ def trilinear_backward(
     g_dirv: np.ndarray,
     g_t0: np.ndarray,
     g_t1: np.ndarray,
-    transfer: tuple[np.ndarray, float, float, int] | None = None,
+    transfer: tuple[int, np.ndarray, np.ndarray, int] | None = None,
 ) -> None:
     """Gradient of ``Σ grad_out · out`` w.r.t. ``src``, ``dirv``, ``t0`` and ``t1`` (written in place).
 
@@ -523,9 +550,13 @@ def trilinear_backward(
     """
     if transfer is None:
         _backward(volp, src, dirv, t0, t1, nsamp, grad_out, g_src, g_dirv, g_t0, g_t1)
-    else:
-        lut, x0, inv_dx, _ = transfer
+    elif transfer[0] == 0:
+        lut, (x0, inv_dx) = transfer[1], transfer[2]
         _backward_tf(volp, lut, x0, inv_dx, src, dirv, t0, t1, nsamp, grad_out, g_src, g_dirv, g_t0, g_t1)
+    else:
+        from ._threshold import threshold_backward
+
+        threshold_backward(volp, transfer[2], src, dirv, t0, t1, nsamp, grad_out, g_src, g_dirv, g_t0, g_t1)
 
 
 def trilinear_backward_volume(
@@ -536,7 +567,7 @@ def trilinear_backward_volume(
     t1: np.ndarray,
     nsamp: np.ndarray,
     grad_out: np.ndarray,
-    transfer: tuple[np.ndarray, float, float, int] | None = None,
+    transfer: tuple[int, np.ndarray, np.ndarray, int] | None = None,
     volp: np.ndarray | None = None,
 ) -> np.ndarray:
     """Gradient of ``Σ grad_out · out`` w.r.t. the (unpadded) volume of shape ``shape = (C, I, J, K)``.
@@ -552,11 +583,15 @@ def trilinear_backward_volume(
     buffers = np.zeros((nthreads, C, I + 2, J + 2, K + 2), dtype=grad_out.dtype)
     if transfer is None:
         _backward_volume(src, dirv, t0, t1, nsamp, grad_out, buffers)
-    else:
+    elif transfer[0] == 0:
         assert volp is not None
-        _backward_volume_tf(
-            volp, transfer[0], transfer[1], transfer[2], src, dirv, t0, t1, nsamp, grad_out, buffers
-        )
+        lut, (x0, inv_dx) = transfer[1], transfer[2]
+        _backward_volume_tf(volp, lut, x0, inv_dx, src, dirv, t0, t1, nsamp, grad_out, buffers)
+    else:
+        from ._threshold import threshold_backward_volume
+
+        assert volp is not None
+        threshold_backward_volume(volp, transfer[2], src, dirv, t0, t1, nsamp, grad_out, buffers)
     total = buffers.sum(axis=0) if nthreads > 1 else buffers[0]
     return fold_padding(torch.from_numpy(total)).numpy()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -174,6 +176,13 @@ def test_beam_hardening_effective_mu_falls_with_thickness(spectrum):
     mu1 = torch.as_tensor(mass_attenuation("water", mono.energies_kev)).unsqueeze(0)
     flat = attenuate(L, mu1, torch.as_tensor(mono.weights()), output="line_integral")[0] / thickness_cm
     assert torch.allclose(flat, torch.full_like(flat, float(mu1[0, 0])), rtol=1e-12)
+    # any thickness stays finite: far beyond underflow, −ln(I/I0) → μ_min·L − ln(w of that bin)
+    huge = torch.tensor([[[1e4]]], dtype=torch.float64)
+    mu2 = torch.tensor([[0.3, 0.2]], dtype=torch.float64)
+    w2 = torch.tensor([0.25, 0.75], dtype=torch.float64)
+    far = attenuate(huge, mu2, w2, output="line_integral")
+    assert float(far) == pytest.approx(0.2 * 1e4 - math.log(0.75), rel=1e-12)
+    assert float(attenuate(huge, mu2, w2)) == 0.0
 
 
 @pytest.fixture(scope="module")

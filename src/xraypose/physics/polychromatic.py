@@ -102,7 +102,7 @@ def attenuate(
         mass_atten: ``(M, E)`` mass attenuation (cm²/g) per material and energy bin.
         weights: ``(E,)`` detector weights (sum 1).
         output: ``"intensity"`` — ``I/I0 = Σ_E w_E exp(−Σ_m μ_mE L_m)``; ``"line_integral"`` — ``−ln(I/I0)``
-            (computed with a log-sum-exp, finite for any thickness).
+            (computed with a shifted exponent, finite for any thickness).
     Returns:
         ``(B, ...)``.
     """
@@ -111,11 +111,16 @@ def attenuate(
             f"path_lengths: {path_lengths.shape[1]} material channels for {mass_atten.shape[0]} materials"
         )
     mu = mass_atten.to(path_lengths)
-    atten = torch.einsum("bm...,me->be...", path_lengths, mu)  # (B, E, ...)
-    shape = (1, -1) + (1,) * (atten.ndim - 2)
-    logw = torch.log(weights.to(path_lengths)).reshape(shape)
-    log_i = torch.logsumexp(logw - atten, dim=1)
-    return torch.exp(log_i) if output == "intensity" else -log_i
+    w = weights.to(path_lengths)
+    # Shift by a lower bound of every bin's attenuation (each material's smallest μ/ρ; path lengths are ≥ 0),
+    # so the exponentials never overflow and −ln(I/I0) stays finite for any thickness.
+    floor = mu.amin(1)  # (M,)
+    lengths = path_lengths.movedim(1, -1)  # (B, ..., M): energies on the contiguous last axis
+    shift = lengths @ floor
+    rel = torch.exp(-(lengths @ (mu - floor[:, None]))) @ w  # Σ_E w_E exp(−(A_E − shift))
+    if output == "intensity":
+        return torch.exp(-shift) * rel
+    return shift - torch.log(rel)
 
 
 def render_polychromatic(

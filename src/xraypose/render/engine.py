@@ -26,8 +26,8 @@ from . import _camera_rays
 from . import siddon as _siddon
 from . import trilinear as _trilinear
 from ._cache import DerivedCache
-from ._triton import TritonTrilinear, triton_available
-from .transfer import Transfer
+from ._triton import TritonThreshold, TritonTrilinear, triton_available
+from .transfer import ThresholdTransfer, Transfer
 
 __all__ = ["Backend", "Method", "box_intersection", "integrate_camera", "integrate_rays", "support_box"]
 
@@ -374,6 +374,15 @@ def integrate_rays(
         raise InputError("nsamp: required for the trilinear method")
     vol, transfer = _classify_for(method, vol, transfer)
     if backend == "auto":
+        if (
+            isinstance(transfer, ThresholdTransfer)
+            and method == "trilinear"
+            and vol.device.type == "cuda"
+            and not _needs_create_graph()
+            and triton_available()
+        ):
+            _, _, params, channels = transfer.kernel_spec(vol.dtype)
+            return TritonThreshold.apply(vol, params, channels, src, dirv, t0, t1, nsamp)
         if (
             transfer is None
             and method == "trilinear"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .trilinear import _cell, _interp, _interp_grad, _scatter8
+from .trilinear import _cell, _interp, _interp_grad, _scatter8, _store_ray_grads
 
 __all__ = ["threshold_backward", "threshold_backward_volume", "threshold_forward"]
 
@@ -122,7 +122,6 @@ def _backward(volp, prm, src, dirv, t0, t1, nsamp, grad_out, g_src, g_dirv, g_t0
         g_t1[r] = 0.0
         if n <= 0 or b <= a:
             continue
-        h = (b - a) / n
         sx = src[r, 0] + 1.0
         sy = src[r, 1] + 1.0
         sz = src[r, 2] + 1.0
@@ -156,17 +155,7 @@ def _backward(volp, prm, src, dirv, t0, t1, nsamp, grad_out, g_src, g_dirv, g_t0
             ex += ck * gx
             ey += ck * gy
             ez += ck * gz
-        L = b - a
-        g_src[r, 0] = h * ax
-        g_src[r, 1] = h * ay
-        g_src[r, 2] = h * az
-        g_dirv[r, 0] = h * (a * ax + L * ex)
-        g_dirv[r, 1] = h * (a * ay + L * ey)
-        g_dirv[r, 2] = h * (a * az + L * ez)
-        ad = ax * dx + ay * dy + az * dz
-        cc = ex * dx + ey * dy + ez * dz
-        g_t0[r] = -sw / n + h * (ad - cc)
-        g_t1[r] = sw / n + h * cc
+        _store_ray_grads(r, n, a, b, dx, dy, dz, ax, ay, az, ex, ey, ez, sw, g_src, g_dirv, g_t0, g_t1)
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)

@@ -321,6 +321,26 @@ def _forward_tf(volp, lut, x0, inv_dx, src, dirv, t0, t1, nsamp, out):  # pragma
                 out[r, c] *= h
 
 
+@numba.njit(inline="always", fastmath=True, cache=True)
+def _store_ray_grads(
+    r, n, a, b, dx, dy, dz, ax, ay, az, ex, ey, ez, sw, g_src, g_dirv, g_t0, g_t1
+):  # pragma: no cover
+    """Write one ray's gradients from ``G = (ax, ay, az) = Σ∇f``, ``E = (ex, ey, ez) = Σ c_k ∇f`` and
+    ``S = sw = Σ f`` (see :func:`trilinear_backward`; ``B = a·G + (b − a)·E`` and ``H·d = E·d``)."""
+    h = (b - a) / n
+    L = b - a
+    g_src[r, 0] = h * ax
+    g_src[r, 1] = h * ay
+    g_src[r, 2] = h * az
+    g_dirv[r, 0] = h * (a * ax + L * ex)
+    g_dirv[r, 1] = h * (a * ay + L * ey)
+    g_dirv[r, 2] = h * (a * az + L * ez)
+    ad = ax * dx + ay * dy + az * dz
+    cc = ex * dx + ey * dy + ez * dz
+    g_t0[r] = -sw / n + h * (ad - cc)
+    g_t1[r] = sw / n + h * cc
+
+
 @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def _backward_tf(
     volp, lut, x0, inv_dx, src, dirv, t0, t1, nsamp, grad_out, g_src, g_dirv, g_t0, g_t1
@@ -348,7 +368,6 @@ def _backward_tf(
         g_t1[r] = 0.0
         if n <= 0 or b <= a:
             continue
-        h = (b - a) / n
         sx = src[r, 0] + 1.0
         sy = src[r, 1] + 1.0
         sz = src[r, 2] + 1.0
@@ -409,17 +428,7 @@ def _backward_tf(
                 ex += ck * gx
                 ey += ck * gy
                 ez += ck * gz
-        L = b - a
-        g_src[r, 0] = h * ax
-        g_src[r, 1] = h * ay
-        g_src[r, 2] = h * az
-        g_dirv[r, 0] = h * (a * ax + L * ex)
-        g_dirv[r, 1] = h * (a * ay + L * ey)
-        g_dirv[r, 2] = h * (a * az + L * ez)
-        ad = ax * dx + ay * dy + az * dz
-        cc = ex * dx + ey * dy + ez * dz
-        g_t0[r] = -sw / n + h * (ad - cc)
-        g_t1[r] = sw / n + h * cc
+        _store_ray_grads(r, n, a, b, dx, dy, dz, ax, ay, az, ex, ey, ez, sw, g_src, g_dirv, g_t0, g_t1)
 
 
 @numba.njit(inline="always", fastmath=True, cache=True)

@@ -1,0 +1,368 @@
+"""Test-time pose optimisation: gradient descent through a differentiable renderer in se(3).
+
+The pose is ``T(ξ) = T0 · P · exp(ξ) · P⁻¹``: the initial camera-to-world pose ``T0`` composed with a twist
+``ξ = (v, ω)`` (mm, rad) expressed in a frame parallel to the camera's and centred on a **pivot** (by default
+the CT's centre, as seen from the initial camera), ``P`` the translation to that pivot. Rotating about the
+anatomy rather than about the X-ray source keeps rotation and translation nearly decoupled, so one step size
+per group suits every pose. Euler-angle and quaternion parameterisations of the same local motion are
+available for comparison.
+
+One call optimises ``B`` independent problems at once (several X-rays, or several restarts of one): Adam with
+separate learning rates for rotation and translation, a coarse-to-fine detector schedule (each level renders
+the same physical detector with fewer pixels and compares with the area-downsampled target), optional sparse
+rendering (random square patches per step), learning-rate reduction on plateaus and early stopping, the best
+pose per problem, and a divergence guard (a non-finite loss or pose restores that problem's best pose).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import InputError
+from ..geometry.camera import Camera, Intrinsics, validate_pose
+from ..geometry.rotations import euler_to_matrix, quaternion_to_matrix
+from ..geometry.se3 import compose, invert, make_transform, se3_exp, transform_points
+from ..losses import scatter_pixels
+from ..render import random_patch_pixels
+from .renderers import Renderer
+
+__all__ = ["Parameterization", "RegistrationConfig", "RegistrationResult", "Scale", "Step", "register"]
+
+Parameterization = Literal["se3", "euler", "quaternion"]
+LossFn = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Scale:
+    """One level of the coarse-to-fine schedule.
+
+    Args:
+        size: detector rows at this level (columns follow the detector's aspect ratio).
+        iterations: at most this many steps.
+        lr_rotation: Adam step size of the rotation parameters (rad for se(3) and Euler).
+        lr_translation: Adam step size of the translation parameters (mm).
+        patches: ``(n_patches, patch_size)`` random square patches rendered per step (sparse rendering), or
+            ``None`` for the whole detector.
+    """
+
+    size: int
+    iterations: int
+    lr_rotation: float = 1e-2
+    lr_translation: float = 1.0
+    patches: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.size < 4 or self.iterations < 0:
+            raise InputError(
+                f"scale: expected size ≥ 4 pixels and iterations ≥ 0, got {self.size}, {self.iterations}"
+            )
+        if not (self.lr_rotation > 0 and self.lr_translation > 0):
+            raise InputError(
+                f"scale: learning rates must be positive, got {self.lr_rotation}, {self.lr_translation}"
+            )
+
+
+@dataclass(frozen=True)
+class RegistrationConfig:
+    """Settings of :func:`register` (defaults: xvr-like 64 → 128 px, mNCC + gradient NCC).
+
+    Args:
+        scales: the coarse-to-fine schedule.
+        loss: an :class:`xraypose.losses.ImageLoss` spec (or a callable ``loss(pred, target, mask=None) → (B,)``).
+        parameterization: ``"se3"`` (default), ``"euler"`` (ZYX angles + translation) or ``"quaternion"``.
+        plateau_patience: steps without a relative improvement of ``rel_tol`` before the learning rates are
+            multiplied by ``plateau_factor``.
+        patience: steps without improvement that end a level.
+        max_divergences: non-finite steps tolerated (each restores the best pose) before stopping.
+        seed: seeds the sparse patches.
+    """
+
+    scales: tuple[Scale, ...] = (Scale(64, 150, 2e-2, 2.0), Scale(128, 100, 5e-3, 0.5))
+    loss: str | LossFn = "0.5*mncc+0.5*gncc"
+    parameterization: Parameterization = "se3"
+    rel_tol: float = 1e-4
+    plateau_patience: int = 10
+    plateau_factor: float = 0.5
+    patience: int = 30
+    max_divergences: int = 5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.scales:
+            raise InputError("scales: expected at least one level")
+        if self.parameterization not in ("se3", "euler", "quaternion"):
+            raise InputError(
+                f"parameterization: expected 'se3', 'euler' or 'quaternion', got {self.parameterization!r}"
+            )
+
+
+@dataclass(frozen=True)
+class Step:
+    """One optimisation step: level, step index, per-problem loss (before the update), wall time (s)."""
+
+    level: int
+    step: int
+    loss: torch.Tensor
+    seconds: float
+
+
+@dataclass
+class RegistrationResult:
+    """What :func:`register` found.
+
+    Attributes:
+        pose: ``(B, 4, 4)`` best camera-to-world pose per problem.
+        loss: ``(B,)`` its loss at the finest level run (full detector).
+        initial_loss: ``(B,)`` loss of the initial pose at the finest level.
+        poses: ``(S, B, 4, 4)`` the pose after every step (for animations), on the CPU.
+        trajectory: every step's losses and time.
+        stop_reason: why the last level ended (``"iterations"``, ``"plateau"``, ``"diverged"``).
+        diverged: ``(B,)`` problems that hit a non-finite step (their best pose is returned).
+        seconds: wall time.
+    """
+
+    pose: torch.Tensor
+    loss: torch.Tensor
+    initial_loss: torch.Tensor
+    poses: torch.Tensor
+    trajectory: list[Step] = field(default_factory=list)
+    stop_reason: str = ""
+    diverged: torch.Tensor | None = None
+    seconds: float = 0.0
+
+    @property
+    def iterations(self) -> int:
+        return len(self.trajectory)
+
+
+def _loss_fn(loss: str | LossFn) -> LossFn:
+    if callable(loss):
+        return loss
+    from ..losses import ImageLoss
+
+    return ImageLoss.parse(loss)  # type: ignore[return-value]
+
+
+def _downsample(image: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    if image.shape[-2:] == (rows, cols):
+        return image
+    return F.interpolate(image.unsqueeze(1), size=(rows, cols), mode="area").squeeze(1)
+
+
+class _Motion:
+    """Local motion parameters → pose, for one parameterisation; rotation and translation are separate leaves."""
+
+    def __init__(self, kind: Parameterization, B: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.kind = kind
+        nrot = 4 if kind == "quaternion" else 3
+        self.rotation = torch.zeros(B, nrot, dtype=dtype, device=device)
+        if kind == "quaternion":
+            self.rotation[:, 0] = 1.0
+        self.translation = torch.zeros(B, 3, dtype=dtype, device=device)
+
+    def leaves(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rotation, self.translation
+
+    def transform(self) -> torch.Tensor:
+        if self.kind == "se3":
+            return se3_exp(torch.cat([self.translation, self.rotation], -1))
+        if self.kind == "euler":
+            R = euler_to_matrix(self.rotation, "ZYX")
+        else:
+            q = self.rotation / self.rotation.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            R = quaternion_to_matrix(q)
+        return make_transform(R, self.translation)
+
+
+def register(
+    renderer: Renderer,
+    target: torch.Tensor,
+    intrinsics: Intrinsics,
+    init_pose: torch.Tensor,
+    config: RegistrationConfig | None = None,
+    *,
+    pivot_world: torch.Tensor | Sequence[float] | None = None,
+    callback: Callable[[Step, torch.Tensor], None] | None = None,
+) -> RegistrationResult:
+    """Find the poses at which the renderer's images match ``target``.
+
+    Args:
+        renderer: e.g. :class:`~xraypose.registration.VolumeRenderer` (mono or polychromatic).
+        target: ``(B, rows, cols)`` or ``(rows, cols)`` X-ray images on ``intrinsics``' detector, in the
+            ``−ln(I/I0)`` domain (any affine intensity scale).
+        intrinsics: the detector of ``target``.
+        init_pose: ``(B, 4, 4)`` (or ``(4, 4)``) initial camera-to-world poses (world = CT RAS, mm).
+        config: schedule, loss, parameterisation, stopping rules.
+        pivot_world: centre of the local rotations (world mm); default the CT's centre if the renderer has a
+            volume, else the point on each initial principal axis at half the source-to-detector distance.
+        callback: called after every step with the step and the current poses (e.g. a progress bar).
+    """
+    config = RegistrationConfig() if config is None else config
+    loss_fn = _loss_fn(config.loss)
+    init_pose = validate_pose(init_pose if init_pose.ndim == 3 else init_pose.unsqueeze(0), "init_pose")
+    if target.ndim == 2:
+        target = target.unsqueeze(0)
+    B = init_pose.shape[0]
+    if target.ndim != 3 or target.shape[0] != B or target.shape[-2:] != (intrinsics.rows, intrinsics.cols):
+        raise InputError(
+            f"target: expected ({B}, {intrinsics.rows}, {intrinsics.cols}) images for {B} initial poses on the "
+            f"given detector, got {tuple(target.shape)}"
+        )
+    if not bool(torch.isfinite(target).all()):
+        raise InputError("target: the X-ray image holds NaN or inf values")
+    dtype, device = init_pose.dtype, init_pose.device
+    target = target.to(device=device, dtype=dtype)
+
+    # pivot in the initial camera frames
+    if pivot_world is None:
+        vol = getattr(renderer, "volume", None)
+        aff = getattr(renderer, "affine", None)
+        if vol is not None and aff is not None:
+            shape = torch.tensor(vol.shape[-3:], dtype=aff.dtype, device=aff.device)
+            pivot_world = (aff[:3, :3] @ ((shape - 1) / 2) + aff[:3, 3]).to(device=device, dtype=dtype)
+    if pivot_world is None:
+        pivot_cam = torch.tensor([0.0, 0.0, intrinsics.sdd / 2], dtype=dtype, device=device).expand(B, 3)
+    else:
+        pw = torch.as_tensor(pivot_world, dtype=dtype, device=device).reshape(1, 1, 3).expand(B, 1, 3)
+        pivot_cam = transform_points(invert(init_pose), pw)[:, 0]
+    to_pivot = torch.eye(4, dtype=dtype, device=device).repeat(B, 1, 1)
+    to_pivot[:, :3, 3] = pivot_cam
+    from_pivot = invert(to_pivot)
+
+    motion = _Motion(config.parameterization, B, dtype, device)
+
+    def pose_of() -> torch.Tensor:
+        return compose(init_pose, to_pivot, motion.transform(), from_pivot)
+
+    gen = torch.Generator().manual_seed(config.seed)
+    best_rot, best_trans = (x.clone() for x in motion.leaves())
+    diverged = torch.zeros(B, dtype=torch.bool, device=device)
+    trajectory: list[Step] = []
+    poses: list[torch.Tensor] = []
+    start = time.perf_counter()
+    stop_reason = "iterations"
+    n_div = 0
+    rows0, cols0 = intrinsics.rows, intrinsics.cols
+
+    def full_loss(intr: Intrinsics, tgt: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return loss_fn(renderer(Camera(intr, pose_of())), tgt).to(dtype)
+
+    for level, scale in enumerate(config.scales):
+        rows = scale.size
+        cols = max(4, round(scale.size * cols0 / rows0))
+        intr = intrinsics.resized(rows, cols)
+        tgt = _downsample(target, rows, cols)
+        for leaf in motion.leaves():
+            leaf.requires_grad_(True)
+        opt = torch.optim.Adam(
+            [
+                {"params": [motion.rotation], "lr": scale.lr_rotation},
+                {"params": [motion.translation], "lr": scale.lr_translation},
+            ]
+        )
+        # start from the best pose so far (motion holds it), scored at this level
+        level_best = full_loss(intr, tgt)
+        level_best = torch.where(
+            torch.isfinite(level_best), level_best, torch.full_like(level_best, math.inf)
+        )
+        best_rot, best_trans = (x.detach().clone() for x in motion.leaves())
+        since_improve = 0
+        since_plateau = 0
+        stop_reason = "iterations"
+        for step in range(scale.iterations):
+            opt.zero_grad(set_to_none=True)
+            pose = pose_of()
+            camera = Camera(intr, pose)
+            if scale.patches is not None:
+                n_patches, size = scale.patches
+                pixels = random_patch_pixels(intr, n_patches, size, generator=gen).to(device)
+                pred, mask = scatter_pixels(renderer(camera, pixels), pixels, (rows, cols))
+                loss = loss_fn(pred, tgt, mask=mask).to(dtype)
+            else:
+                loss = loss_fn(renderer(camera), tgt).to(dtype)
+            finite = torch.isfinite(loss) & torch.isfinite(pose.detach()).flatten(1).all(1)
+            record = Step(level, step, loss.detach().cpu(), time.perf_counter() - start)
+            trajectory.append(record)
+            poses.append(pose.detach().cpu())
+            if callback is not None:
+                callback(record, pose.detach())
+            if not bool(finite.all()):
+                n_div += 1
+                diverged |= ~finite
+                with torch.no_grad():
+                    motion.rotation[~finite] = best_rot[~finite]
+                    motion.translation[~finite] = best_trans[~finite]
+                if n_div > config.max_divergences:
+                    stop_reason = "diverged"
+                    break
+                continue
+            if scale.patches is None:  # exact scores: track the best pose per problem
+                with torch.no_grad():
+                    better = loss.detach() < level_best
+                    best_rot[better] = motion.rotation.detach()[better]
+                    best_trans[better] = motion.translation.detach()[better]
+                    improved = bool((loss.detach() < level_best - config.rel_tol * level_best.abs()).any())
+                    level_best = torch.minimum(level_best, loss.detach())
+            else:
+                improved = True  # noisy patch losses: rely on the iteration budget and the final check
+            loss.sum().backward()
+            grads_ok = all(
+                torch.isfinite(leaf.grad).all() for leaf in motion.leaves() if leaf.grad is not None
+            )
+            if not grads_ok:
+                n_div += 1
+                opt.zero_grad(set_to_none=True)
+                continue
+            opt.step()
+            since_improve = 0 if improved else since_improve + 1
+            since_plateau = 0 if improved else since_plateau + 1
+            if since_plateau >= config.plateau_patience:
+                for group in opt.param_groups:
+                    group["lr"] *= config.plateau_factor
+                since_plateau = 0
+            if since_improve >= config.patience:
+                stop_reason = "plateau"
+                break
+        for leaf in motion.leaves():
+            leaf.requires_grad_(False)
+        # score the last pose exactly and keep it where it beats the best one (always, with sparse steps)
+        last = full_loss(intr, tgt)
+        with torch.no_grad():
+            better = torch.isfinite(last) & (last < level_best)
+            best_rot[better] = motion.rotation[better]
+            best_trans[better] = motion.translation[better]
+            motion.rotation.copy_(best_rot)
+            motion.translation.copy_(best_trans)
+        if stop_reason == "diverged":
+            break
+
+    final_intr = intrinsics.resized(
+        config.scales[-1].size, max(4, round(config.scales[-1].size * cols0 / rows0))
+    )
+    final_tgt = _downsample(target, final_intr.rows, final_intr.cols)
+    with torch.no_grad():
+        pose = pose_of().detach()
+        loss = full_loss(final_intr, final_tgt)
+        motion.rotation.zero_()
+        motion.translation.zero_()
+        if config.parameterization == "quaternion":
+            motion.rotation[:, 0] = 1.0
+        initial = full_loss(final_intr, final_tgt)
+    return RegistrationResult(
+        pose=pose,
+        loss=loss,
+        initial_loss=initial,
+        poses=torch.stack(poses) if poses else pose.cpu().unsqueeze(0),
+        trajectory=trajectory,
+        stop_reason=stop_reason,
+        diverged=diverged,
+        seconds=time.perf_counter() - start,
+    )

@@ -1,0 +1,113 @@
+"""The registration engine recovers known poses on the default CT; its guards and options work."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from xraypose.errors import InputError
+from xraypose.geometry import Camera, Intrinsics, carm_pose
+from xraypose.geometry.sampling import perturb_poses
+from xraypose.io import load_default_ct
+from xraypose.metrics import mtre
+from xraypose.registration import RegistrationConfig, Scale, VolumeRenderer, register
+
+
+@pytest.fixture(scope="module")
+def scene():
+    vol = load_default_ct(with_labels=False)
+    renderer = VolumeRenderer(vol)
+    centre = vol.center_world.float()
+    intr = Intrinsics(sdd=1020.0, rows=128, cols=128, dy=2.4, dx=2.4)
+    truth = carm_pose(
+        torch.tensor([10.0, -20.0]),
+        torch.tensor([5.0, 10.0]),
+        0.0,
+        source_to_isocenter=620.0,
+        isocenter=centre,
+    )
+    with torch.no_grad():
+        target = renderer(Camera(intr, truth))
+    init = perturb_poses(
+        truth.double(), 5.0, 10.0, centre.double(), generator=torch.Generator().manual_seed(0)
+    ).float()
+    offsets = torch.tensor(
+        [[x, y, z] for x in (-40, 40) for y in (-40, 40) for z in (-40, 40)], dtype=torch.float32
+    )
+    landmarks = centre + offsets
+    return renderer, intr, truth, target, init, landmarks
+
+
+FAST = RegistrationConfig(scales=(Scale(32, 60, 2e-2, 2.0), Scale(64, 50, 5e-3, 0.5)))
+
+
+def test_recovers_a_known_pose_from_5_degrees_10_mm(scene):
+    renderer, intr, truth, target, init, landmarks = scene
+    before = mtre(init, truth, landmarks)
+    assert bool((before > 8.0).all())
+    steps = []
+    result = register(renderer, target, intr, init, FAST, callback=lambda step, pose: steps.append(step.step))
+    after = mtre(result.pose, truth, landmarks)
+    assert bool((after < 0.3).all()), after
+    assert bool((result.loss < result.initial_loss).all())
+    assert result.pose.shape == (2, 4, 4) and bool(torch.isfinite(result.pose).all())
+    assert result.iterations == len(steps) == len(result.trajectory) == result.poses.shape[0]
+    assert result.stop_reason in ("iterations", "plateau")
+    assert not bool(result.diverged.any())
+    # the trajectory starts at the initial pose and records per-problem losses and increasing times
+    assert torch.allclose(result.poses[0], init, atol=1e-4)
+    assert result.trajectory[0].loss.shape == (2,)
+    assert all(b.seconds >= a.seconds for a, b in zip(result.trajectory, result.trajectory[1:], strict=False))
+
+
+def test_sparse_patches_and_euler_parameterisation(scene):
+    renderer, intr, truth, target, init, landmarks = scene
+    sparse = RegistrationConfig(
+        scales=(Scale(32, 60, 2e-2, 2.0), Scale(64, 60, 5e-3, 0.5, patches=(24, 8))), seed=3
+    )
+    result = register(renderer, target[:1], intr, init[:1], sparse)
+    assert float(mtre(result.pose, truth[:1], landmarks)[0]) < 1.0
+    euler = RegistrationConfig(scales=FAST.scales, parameterization="euler")
+    result = register(renderer, target[:1], intr, init[:1], euler)
+    assert float(mtre(result.pose, truth[:1], landmarks)[0]) < 1.0
+
+
+def test_divergence_returns_the_best_pose_and_says_so(scene):
+    renderer, intr, _truth, target, init, _landmarks = scene
+    calls = {"n": 0}
+
+    def flaky(camera, pixels=None):
+        calls["n"] += 1
+        image = renderer(camera, pixels)
+        return image * math.nan if calls["n"] > 8 else image
+
+    config = RegistrationConfig(scales=(Scale(32, 40, 2e-2, 2.0),), max_divergences=3)
+    result = register(
+        flaky, target, intr, init, config, pivot_world=renderer.volume.new_tensor([0.0, 0.0, 0.0])
+    )
+    assert result.stop_reason == "diverged"
+    assert bool(result.diverged.all())
+    assert bool(torch.isfinite(result.pose).all())
+    # the pose returned is, per problem, the visited pose of least loss before the renderer broke
+    losses = torch.stack([step.loss for step in result.trajectory])  # (S, B)
+    assert bool(torch.isnan(losses[-1]).all()) and bool(torch.isfinite(losses[0]).all())
+    best = torch.where(torch.isfinite(losses), losses, torch.inf).argmin(0)
+    for b in range(losses.shape[1]):
+        assert torch.allclose(result.pose[b], result.poses[best[b], b], atol=1e-5)
+    assert bool((best > 0).all())  # it moved: not the initial pose
+
+
+def test_bad_inputs_raise_clear_errors(scene):
+    renderer, intr, _truth, target, init, _ = scene
+    with pytest.raises(InputError, match="target"):
+        register(renderer, target[:, :10], intr, init, FAST)
+    with pytest.raises(InputError, match="NaN"):
+        register(renderer, target * math.nan, intr, init, FAST)
+    with pytest.raises(InputError, match="parameterization"):
+        RegistrationConfig(parameterization="axis-angle")  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="scale"):
+        Scale(2, 10)
+    with pytest.raises(InputError, match="physics"):
+        VolumeRenderer(load_default_ct(with_labels=False), physics="xray")  # type: ignore[arg-type]

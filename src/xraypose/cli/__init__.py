@@ -365,3 +365,4 @@ def main() -> None:
 
 
 from . import make_benchmark as _make_benchmark  # noqa: E402,F401
+from . import register as _register  # noqa: E402,F401

@@ -1,0 +1,160 @@
+"""``xraypose register``: find the C-arm pose of one X-ray from an initial pose (a thin layer over
+:func:`xraypose.registration.register`)."""
+
+from __future__ import annotations
+
+import json
+import math
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import torch
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ..errors import InputError, XrayposeError
+from . import _check_out, _fail, _load_pose, app, console
+
+
+class RegisterPhysics(str, Enum):
+    mono = "mono"
+    poly = "poly"
+
+
+class Polarity(str, Enum):
+    attenuation = "attenuation"
+    intensity = "intensity"
+
+
+def _prepare_xray(image: np.ndarray, polarity: Polarity) -> torch.Tensor:
+    """X-ray values → the DRR's domain (bright = attenuating)."""
+    x = torch.as_tensor(image, dtype=torch.float32)
+    if not bool(torch.isfinite(x).all()):
+        raise InputError("--xray: the image holds NaN or inf values")
+    if polarity is Polarity.intensity:  # raw detector values: larger = more photons; take −log
+        lo = float(x[x > 0].min()) if bool((x > 0).any()) else 1.0
+        x = -torch.log(x.clamp_min(lo) / float(x.max()))
+    return x
+
+
+def _euler_zyx_deg(R: torch.Tensor) -> list[float]:
+    from ..geometry.rotations import matrix_to_euler
+
+    return [math.degrees(float(a)) for a in matrix_to_euler(R.double(), "ZYX")]
+
+
+@app.command("register")
+def register_command(
+    ct: Annotated[
+        Path, typer.Option("--ct", help="CT volume: NIfTI, NRRD, MHA/MHD or a DICOM series folder.")
+    ],
+    xray: Annotated[Path, typer.Option("--xray", help="X-ray image: PNG/TIFF/NPY or single-frame DICOM.")],
+    camera: Annotated[
+        Path, typer.Option("--camera", help="Detector intrinsics JSON (as written by Intrinsics.save).")
+    ],
+    init: Annotated[
+        Path,
+        typer.Option("--init", help="Initial camera-to-world 4×4 pose (.json/.npy/.txt), CT RAS world, mm."),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Result JSON.")],
+    overlay: Annotated[
+        Path | None, typer.Option(help="PNG: DRR edges on the X-ray before and after.")
+    ] = None,
+    animation: Annotated[Path | None, typer.Option(help="GIF: the optimisation, DRR edges per step.")] = None,
+    physics: Annotated[
+        RegisterPhysics, typer.Option(help="Renderer optimised through.")
+    ] = RegisterPhysics.mono,
+    polarity: Annotated[
+        Polarity,
+        typer.Option(
+            help="attenuation: bright = attenuating (log-transformed / displayed radiographs); intensity: raw "
+            "detector values, −log is taken."
+        ),
+    ] = Polarity.attenuation,
+    loss: Annotated[str | None, typer.Option(help="ImageLoss spec (default the engine's).")] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite outputs if they exist.")] = False,
+) -> None:
+    """Register an X-ray to a CT: optimise the C-arm pose from --init and write it with the final similarity."""
+    from ..geometry import Camera, Intrinsics
+    from ..geometry.se3 import invert, se3_log
+    from ..io import read_volume
+    from ..io.images import load_image
+    from ..registration import RegistrationConfig, VolumeRenderer, register
+
+    try:
+        _check_out(out, force, (".json",))
+        if overlay is not None:
+            _check_out(overlay, force, (".png",))
+        if animation is not None:
+            _check_out(animation, force, (".gif",))
+        volume = read_volume(ct)
+        intr = Intrinsics.load(camera)
+        target = _prepare_xray(load_image(xray), polarity)
+        if tuple(target.shape) != (intr.rows, intr.cols):
+            raise InputError(
+                f"--xray {xray}: image is {tuple(target.shape)} pixels but the camera {camera} has "
+                f"{(intr.rows, intr.cols)} (rows, cols)"
+            )
+        pose0 = _load_pose(init)
+        config = RegistrationConfig() if loss is None else RegistrationConfig(loss=loss)
+        renderer = VolumeRenderer(volume, physics.value)
+        total = sum(s.iterations for s in config.scales)
+        with Progress(
+            TextColumn("registering"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+            TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), console=console, transient=True,
+        ) as bar:  # fmt: skip
+            task = bar.add_task("register", total=total, loss="—")
+            result = register(
+                renderer,
+                target,
+                intr,
+                pose0,
+                config,
+                callback=lambda step, pose: bar.update(task, advance=1, loss=f"{float(step.loss[0]):.4f}"),
+            )
+        pose = result.pose[0].double()
+        delta = invert(pose0[0].double()) @ pose
+        record = {
+            "pose_camera_to_world": pose.tolist(),
+            "units": "mm (translations), degrees (angles); world = the CT's RAS frame",
+            "translation_mm": pose[:3, 3].tolist(),
+            "rotation_euler_zyx_deg": _euler_zyx_deg(pose[:3, :3]),
+            "correction_se3_log": {
+                "v_mm": se3_log(delta)[:3].tolist(),
+                "omega_rad": se3_log(delta)[3:].tolist(),
+            },
+            "loss": float(result.loss[0]),
+            "initial_loss": float(result.initial_loss[0]),
+            "loss_spec": config.loss if isinstance(config.loss, str) else "custom",
+            "iterations": result.iterations,
+            "seconds": result.seconds,
+            "stop_reason": result.stop_reason,
+            "diverged": bool(result.diverged[0]) if result.diverged is not None else False,
+            "physics": physics.value,
+            "ct": str(ct),
+            "xray": str(xray),
+        }
+        from .._atomic import atomic_write_text
+
+        atomic_write_text(out, json.dumps(record, indent=2))
+        if overlay is not None or animation is not None:
+            from ..viz.overlay import save_overlay, save_registration_animation
+
+            with torch.no_grad():
+                if overlay is not None:
+                    before = renderer(Camera(intr, pose0.float()))[0]
+                    after = renderer(Camera(intr, result.pose.float()))[0]
+                    save_overlay(overlay, target, before, after)
+                if animation is not None:
+                    idx = np.unique(np.linspace(0, result.poses.shape[0] - 1, 24).round().astype(int))
+                    frames = [renderer(Camera(intr, result.poses[i].float()))[0] for i in idx]
+                    labels = [f"step {i}" for i in idx]
+                    save_registration_animation(animation, target, frames, labels=labels)
+    except XrayposeError as exc:
+        _fail(str(exc))
+    console.print(
+        f"wrote {out}: loss {record['initial_loss']:.4f} → {record['loss']:.4f} in {result.iterations} steps, "
+        f"{result.seconds:.1f} s ({result.stop_reason})"
+    )

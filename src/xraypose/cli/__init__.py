@@ -364,5 +364,6 @@ def main() -> None:
         sys.exit(130)
 
 
+from . import benchmark as _benchmark  # noqa: E402,F401
 from . import make_benchmark as _make_benchmark  # noqa: E402,F401
 from . import register as _register  # noqa: E402,F401

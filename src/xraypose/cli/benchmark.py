@@ -1,0 +1,133 @@
+"""``xraypose benchmark``: run registration methods on a synthetic benchmark and write tables and plots
+(a thin layer over :mod:`xraypose.registration.benchmark`).
+
+Registered on :data:`xraypose.cli.app` by an import at the end of ``xraypose/cli/__init__.py``.
+"""
+
+from __future__ import annotations
+
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from ..errors import FileFormatError, InputError, XrayposeError
+from . import _fail, app, console
+
+
+class BenchPhysics(str, Enum):
+    mono = "mono"
+    poly = "poly"
+
+
+def _parse_levels(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",")]
+    except ValueError:
+        values = []
+    if not values:
+        raise InputError(f"--levels: expected comma-separated level indices like '0,1', got {text!r}")
+    return values
+
+
+@app.command("benchmark")
+def benchmark_command(
+    bench: Annotated[
+        Path, typer.Option("--bench", help="Benchmark file (.h5) written by 'xraypose make-benchmark'.")
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            help="Results folder: cases.csv, summary.md, summary.json, metadata.json and two PNG plots.",
+        ),
+    ],
+    method: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--method", help="Registration method (repeat for several); default diffpose.", show_default=False
+        ),
+    ] = None,
+    ct: Annotated[
+        Path | None,
+        typer.Option("--ct", help="The CT the benchmark was made from (default: the path recorded in it)."),
+    ] = None,
+    levels: Annotated[
+        str | None, typer.Option(help="Perturbation levels to run, as indices, e.g. '0,1' (default all).")
+    ] = None,
+    max_cases: Annotated[int | None, typer.Option(help="Run at most this many cases (the first).")] = None,
+    physics: Annotated[
+        BenchPhysics, typer.Option(help="Renderer the methods optimise through.")
+    ] = BenchPhysics.mono,
+    seed: Annotated[int, typer.Option(help="Seed passed to every method (non-negative).")] = 0,
+    device: Annotated[
+        str | None, typer.Option(help="Torch device, e.g. 'cpu' or 'cuda' (default: CUDA when available).")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite result files in --out.")] = False,
+) -> None:
+    """Run registration methods on every case, level and initial pose of a benchmark; write tables and plots."""
+    from ..registration import benchmark as runner
+
+    start = time.perf_counter()
+    methods = list(method) if method else ["diffpose"]
+    try:
+        if not bench.is_file():
+            raise FileFormatError(f"--bench {bench}: benchmark file not found")
+        runner.check_outputs(out, force)
+        level_ids = _parse_levels(levels)
+        if max_cases is not None and max_cases < 1:
+            raise InputError(f"--max-cases: expected a positive integer, got {max_cases}")
+        if seed < 0:
+            raise InputError(f"--seed: expected a non-negative integer, got {seed}")
+        table = runner.default_method_table()
+        unknown = [m for m in methods if m not in table]
+        if unknown:
+            raise InputError(
+                f"--method: unknown method(s) {', '.join(unknown)}; choose from {', '.join(sorted(table))}"
+            )
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("runs"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        ) as bar:
+            task = bar.add_task("registering", total=None)
+
+            def progress(done: int, total: int) -> None:
+                bar.update(task, completed=done, total=total)
+
+            results = runner.run_benchmark(
+                bench,
+                methods,
+                ct=ct,
+                levels=level_ids,
+                max_cases=max_cases,
+                physics=physics.value,
+                seed=seed,
+                progress=progress,
+                method_table=table,
+                device=device,
+            )
+        paths = runner.write_results(results, out, force=force)
+        report = paths["summary.md"].read_text(encoding="utf-8")
+    except XrayposeError as exc:
+        _fail(str(exc))
+    typer.echo(report)
+    elapsed = time.perf_counter() - start
+    console.print(f"wrote {out}/ ({len(results)} runs of {', '.join(methods)}) in {elapsed:.1f} s")

@@ -181,6 +181,40 @@ class _Motion:
         return make_transform(R, self.translation)
 
 
+def _check_problem(
+    target: torch.Tensor, intrinsics: Intrinsics, init_pose: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, rows, cols)`` targets on the pose's device and dtype, ``(B, 4, 4)`` poses; clear errors."""
+    if not isinstance(intrinsics, Intrinsics):
+        raise InputError(f"intrinsics: expected Intrinsics, got {type(intrinsics).__name__}")
+    init_pose = validate_pose(init_pose, "init_pose")
+    if not isinstance(target, torch.Tensor):
+        raise InputError(f"target: expected a torch.Tensor, got {type(target).__name__}")
+    if target.ndim == 2:
+        target = target.unsqueeze(0)
+    B = init_pose.shape[0]
+    if target.ndim != 3 or target.shape[0] != B or target.shape[-2:] != (intrinsics.rows, intrinsics.cols):
+        raise InputError(
+            f"target: expected ({B}, {intrinsics.rows}, {intrinsics.cols}) images for {B} initial poses on the "
+            f"given detector, got {tuple(target.shape)}"
+        )
+    if not bool(torch.isfinite(target).all()):
+        raise InputError("target: the X-ray image holds NaN or inf values")
+    return target.to(device=init_pose.device, dtype=init_pose.dtype), init_pose
+
+
+def _pivot_world(renderer: Renderer, pivot_world: object) -> torch.Tensor | None:
+    """The engine's default pivot: the CT's centre when the renderer exposes ``volume`` and ``affine``."""
+    if pivot_world is not None:
+        return torch.as_tensor(pivot_world, dtype=torch.float64).reshape(3)
+    vol, aff = getattr(renderer, "volume", None), getattr(renderer, "affine", None)
+    if vol is None or aff is None:
+        return None
+    aff = aff.detach().double().cpu()
+    shape = torch.tensor(vol.shape[-3:], dtype=torch.float64)
+    return aff[:3, :3] @ ((shape - 1) / 2) + aff[:3, 3]
+
+
 def register(
     renderer: Renderer,
     target: torch.Tensor,
@@ -206,27 +240,12 @@ def register(
     """
     config = RegistrationConfig() if config is None else config
     loss_fn = _loss_fn(config.loss)
-    init_pose = validate_pose(init_pose if init_pose.ndim == 3 else init_pose.unsqueeze(0), "init_pose")
-    if target.ndim == 2:
-        target = target.unsqueeze(0)
+    target, init_pose = _check_problem(target, intrinsics, init_pose)
     B = init_pose.shape[0]
-    if target.ndim != 3 or target.shape[0] != B or target.shape[-2:] != (intrinsics.rows, intrinsics.cols):
-        raise InputError(
-            f"target: expected ({B}, {intrinsics.rows}, {intrinsics.cols}) images for {B} initial poses on the "
-            f"given detector, got {tuple(target.shape)}"
-        )
-    if not bool(torch.isfinite(target).all()):
-        raise InputError("target: the X-ray image holds NaN or inf values")
     dtype, device = init_pose.dtype, init_pose.device
-    target = target.to(device=device, dtype=dtype)
 
     # pivot in the initial camera frames
-    if pivot_world is None:
-        vol = getattr(renderer, "volume", None)
-        aff = getattr(renderer, "affine", None)
-        if vol is not None and aff is not None:
-            shape = torch.tensor(vol.shape[-3:], dtype=aff.dtype, device=aff.device)
-            pivot_world = (aff[:3, :3] @ ((shape - 1) / 2) + aff[:3, 3]).to(device=device, dtype=dtype)
+    pivot_world = _pivot_world(renderer, pivot_world)
     if pivot_world is None:
         pivot_cam = torch.tensor([0.0, 0.0, intrinsics.sdd / 2], dtype=dtype, device=device).expand(B, 3)
     else:

@@ -223,3 +223,27 @@ def test_bad_inputs_raise_clear_errors(scene):
         register_cmaes(renderer, target, intr, init, RegistrationConfig())  # type: ignore[arg-type]
     with pytest.raises(InputError, match="config"):
         register_euler_gd(renderer, target, intr, init, FAST)  # type: ignore[arg-type]
+
+
+def test_cmaes_survives_candidates_with_the_source_inside_the_ct():
+    """A wide search puts some candidates' X-ray source inside the CT: they are infeasible, not an error."""
+    from xraypose.errors import GeometryError
+    from xraypose.geometry import Camera, Intrinsics, carm_pose
+    from xraypose.io import load_default_ct
+    from xraypose.registration import CMAESConfig, VolumeRenderer, register_cmaes
+
+    volume = load_default_ct(with_labels=False)
+    renderer = VolumeRenderer(volume)
+    centre = volume.center_world.float()
+    intr = Intrinsics(sdd=1020.0, rows=128, cols=128, dy=2.4, dx=2.4)
+    # the source 220 mm from the centre: depth moves of ±100 mm σ reach into the CT
+    pose = carm_pose(0.0, 0.0, 0.0, source_to_isocenter=220.0, isocenter=centre)
+    with torch.no_grad():
+        target = renderer(Camera(intr, pose))
+    config = CMAESConfig(generations=3, population=12, local="none")
+    result = register_cmaes(renderer, target, intr, pose, config)
+    assert bool(torch.isfinite(result.pose).all())
+    with pytest.raises(GeometryError):  # the engine itself refuses such a pose outright
+        inside = pose.clone()
+        inside[:, :3, 3] = centre
+        renderer(Camera(intr, inside))

@@ -32,7 +32,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from ..errors import InputError
+from ..errors import GeometryError, InputError
 from ..geometry.camera import Camera, Intrinsics
 from ..geometry.se3 import compose, invert, transform_points
 from .engine import (
@@ -251,8 +251,19 @@ class _Problem:
         """Poses ``(P, 4, 4)`` and losses ``(P,)`` (float64, NaN kept) of parameters ``(P, 6)``: one render."""
         poses = self.pose(params)
         with torch.no_grad():
-            image = self.renderer(Camera(intr, poses))
-            loss = self.loss_fn(image, tgt.expand(poses.shape[0], -1, -1))
+            try:
+                image = self.renderer(Camera(intr, poses))
+                loss = self.loss_fn(image, tgt.expand(poses.shape[0], -1, -1))
+            except GeometryError:
+                # a wide search can put a candidate's X-ray source inside the CT: such candidates are
+                # infeasible (NaN, replaced by a poor finite value by the optimiser), the others are scored
+                loss = torch.full((poses.shape[0],), math.nan, dtype=torch.float64)
+                for i in range(poses.shape[0]):
+                    try:
+                        one = self.renderer(Camera(intr, poses[i : i + 1]))
+                    except GeometryError:
+                        continue
+                    loss[i] = float(self.loss_fn(one, tgt[:1])[0])
         return poses, loss.detach().to(device="cpu", dtype=torch.float64).numpy().reshape(-1)
 
     def record(self, level: int, step: int, loss: float, pose: torch.Tensor) -> None:

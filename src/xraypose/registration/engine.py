@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from ..errors import InputError
+from ..errors import GeometryError, InputError
 from ..geometry.camera import Camera, Intrinsics, validate_pose
 from ..geometry.rotations import euler_to_matrix, quaternion_to_matrix
 from ..geometry.se3 import compose, invert, make_transform, se3_exp, transform_points
@@ -300,13 +300,16 @@ def register(
             opt.zero_grad(set_to_none=True)
             pose = pose_of()
             camera = Camera(intr, pose)
-            if scale.patches is not None:
-                n_patches, size = scale.patches
-                pixels = random_patch_pixels(intr, n_patches, size, generator=gen).to(device)
-                pred, mask = scatter_pixels(renderer(camera, pixels), pixels, (rows, cols))
-                loss = loss_fn(pred, tgt, mask=mask).to(dtype)
-            else:
-                loss = loss_fn(renderer(camera), tgt).to(dtype)
+            try:
+                if scale.patches is not None:
+                    n_patches, size = scale.patches
+                    pixels = random_patch_pixels(intr, n_patches, size, generator=gen).to(device)
+                    pred, mask = scatter_pixels(renderer(camera, pixels), pixels, (rows, cols))
+                    loss = loss_fn(pred, tgt, mask=mask).to(dtype)
+                else:
+                    loss = loss_fn(renderer(camera), tgt).to(dtype)
+            except GeometryError:  # a step put an X-ray source inside the CT: treat it like a divergence
+                loss = torch.full((B,), math.nan, dtype=dtype, device=device)
             finite = torch.isfinite(loss) & torch.isfinite(pose.detach()).flatten(1).all(1)
             record = Step(level, step, loss.detach().cpu(), time.perf_counter() - start)
             trajectory.append(record)

@@ -330,3 +330,17 @@ def test_device_agnostic(device: str) -> None:
     torch.testing.assert_close(se3.transform_points(se3.invert(T), se3.transform_points(T, p)), p)
     assert se3.double_geodesic_distance(T, T, radius=100.0).device.type == device
     assert se3.is_rigid(T).all()
+
+
+def test_distances_of_a_nan_pose_are_nan_not_zero() -> None:
+    """A non-finite pose (e.g. a diverged registration) must not read as zero error."""
+    a = torch.eye(4, dtype=torch.float64)[None]
+    b = a.clone()
+    b[0, 1, 3] = math.nan
+    assert bool(torch.isnan(se3.translation_distance(a, b)).all())
+    assert bool(torch.isnan(se3.double_geodesic_distance(a, b, radius=500.0)).all())
+    # …while equal poses still give exactly 0 with a zero gradient
+    c = a.clone().requires_grad_(True)
+    d = se3.translation_distance(c, a)
+    d.sum().backward()
+    assert float(d.detach()) == 0.0 and bool((c.grad == 0).all())

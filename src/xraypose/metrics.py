@@ -33,7 +33,7 @@ import torch
 
 from .errors import InputError
 from .geometry.camera import Camera, Intrinsics
-from .geometry.rotations import matrix_to_euler, so3_log
+from .geometry.rotations import _safe_sqrt, matrix_to_euler, so3_log
 from .geometry.se3 import (
     double_geodesic_distance,
     invert,
@@ -127,17 +127,12 @@ def _landmark_batch(landmarks: object, batch: int, like: torch.Tensor, func: str
 
 
 def _norm(x: torch.Tensor) -> torch.Tensor:
-    """Euclidean norm over the last dimension with a zero (not NaN) gradient at 0; NaN stays NaN.
-
-    (``geometry.rotations._safe_sqrt`` maps NaN to 0, which would hide a landmark behind the source.)
-    """
-    sq = (x * x).sum(-1)
-    zero = sq == 0
-    return torch.where(zero, torch.zeros_like(sq), torch.sqrt(torch.where(zero, torch.ones_like(sq), sq)))
+    """Euclidean norm over the last dimension with a zero (not NaN) gradient at 0; NaN stays NaN."""
+    return _safe_sqrt((x * x).sum(-1))
 
 
 def _nan_if_nonfinite(value: torch.Tensor, est: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
-    """NaN where either pose has a non-finite entry (the geometry distances would report 0 there)."""
+    """NaN where either pose has a non-finite entry (an inf pose can otherwise give a finite distance)."""
     bad = ~(torch.isfinite(est).flatten(-2).all(-1) & torch.isfinite(true).flatten(-2).all(-1))
     if value.ndim == 2:
         bad = bad.unsqueeze(-1)

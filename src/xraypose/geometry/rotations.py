@@ -98,9 +98,10 @@ def _poly(x2: torch.Tensor, coefs: tuple[float, ...]) -> torch.Tensor:
 
 
 def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:
-    """``sqrt(x)`` for ``x >= 0`` with a zero (not infinite/NaN) gradient at ``x == 0``."""
-    pos = x > 0
-    return torch.where(pos, torch.sqrt(torch.where(pos, x, torch.ones_like(x))), torch.zeros_like(x))
+    """``sqrt(x)`` for ``x >= 0`` with a zero (not infinite/NaN) gradient at ``x == 0``; NaN stays NaN (a
+    non-finite input must not read as a zero distance)."""
+    keep = ~(x <= 0)  # positive or NaN
+    return torch.where(keep, torch.sqrt(torch.where(keep, x, torch.ones_like(x))), torch.zeros_like(x))
 
 
 def _safe_atan2(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,6 @@ import torch
 
 from xraypose.errors import InputError
 from xraypose.geometry import Camera, Intrinsics, carm_pose
-from xraypose.geometry.sampling import perturb_poses
 from xraypose.io import load_default_ct
 from xraypose.metrics import mtre
 from xraypose.registration import RegistrationConfig, RegistrationResult, Scale, VolumeRenderer, baselines
@@ -42,28 +41,8 @@ class Counting:
 
 
 @pytest.fixture(scope="module")
-def scene():
-    vol = load_default_ct(with_labels=False)
-    renderer = VolumeRenderer(vol)
-    centre = vol.center_world.float()
-    intr = Intrinsics(sdd=1020.0, rows=64, cols=64, dy=4.8, dx=4.8)
-    truth = carm_pose(
-        torch.tensor([10.0, -20.0]),
-        torch.tensor([5.0, 10.0]),
-        0.0,
-        source_to_isocenter=620.0,
-        isocenter=centre,
-    )
-    with torch.no_grad():
-        target = renderer(Camera(intr, truth))
-    init = perturb_poses(
-        truth.double(), 5.0, 10.0, centre.double(), generator=torch.Generator().manual_seed(0)
-    ).float()
-    offsets = torch.tensor(
-        [[x, y, z] for x in (-40, 40) for y in (-40, 40) for z in (-40, 40)], dtype=torch.float32
-    )
-    landmarks = centre + offsets
-    return renderer, intr, truth, target, init, landmarks
+def scene(registration_scene):
+    return registration_scene(64)
 
 
 @pytest.fixture(scope="module")
@@ -228,9 +207,7 @@ def test_bad_inputs_raise_clear_errors(scene):
 def test_cmaes_survives_candidates_with_the_source_inside_the_ct():
     """A wide search puts some candidates' X-ray source inside the CT: they are infeasible, not an error."""
     from xraypose.errors import GeometryError
-    from xraypose.geometry import Camera, Intrinsics, carm_pose
-    from xraypose.io import load_default_ct
-    from xraypose.registration import CMAESConfig, VolumeRenderer, register_cmaes
+    from xraypose.registration import CMAESConfig, register_cmaes
 
     volume = load_default_ct(with_labels=False)
     renderer = VolumeRenderer(volume)

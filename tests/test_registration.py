@@ -8,36 +8,14 @@ import pytest
 import torch
 
 from xraypose.errors import InputError
-from xraypose.geometry import Camera, Intrinsics, carm_pose
-from xraypose.geometry.sampling import perturb_poses
 from xraypose.io import load_default_ct
 from xraypose.metrics import mtre
 from xraypose.registration import RegistrationConfig, Scale, VolumeRenderer, register
 
 
 @pytest.fixture(scope="module")
-def scene():
-    vol = load_default_ct(with_labels=False)
-    renderer = VolumeRenderer(vol)
-    centre = vol.center_world.float()
-    intr = Intrinsics(sdd=1020.0, rows=128, cols=128, dy=2.4, dx=2.4)
-    truth = carm_pose(
-        torch.tensor([10.0, -20.0]),
-        torch.tensor([5.0, 10.0]),
-        0.0,
-        source_to_isocenter=620.0,
-        isocenter=centre,
-    )
-    with torch.no_grad():
-        target = renderer(Camera(intr, truth))
-    init = perturb_poses(
-        truth.double(), 5.0, 10.0, centre.double(), generator=torch.Generator().manual_seed(0)
-    ).float()
-    offsets = torch.tensor(
-        [[x, y, z] for x in (-40, 40) for y in (-40, 40) for z in (-40, 40)], dtype=torch.float32
-    )
-    landmarks = centre + offsets
-    return renderer, intr, truth, target, init, landmarks
+def scene(registration_scene):
+    return registration_scene(128)
 
 
 FAST = RegistrationConfig(scales=(Scale(32, 60, 2e-2, 2.0), Scale(64, 50, 5e-3, 0.5)))

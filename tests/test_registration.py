@@ -8,9 +8,15 @@ import pytest
 import torch
 
 from xraypose.errors import InputError
+from xraypose.geometry.se3 import invert, se3_exp, se3_log, transform_points
 from xraypose.io import load_default_ct
 from xraypose.metrics import mtre
-from xraypose.registration import RegistrationConfig, Scale, VolumeRenderer, register
+from xraypose.registration import RegistrationConfig, Scale, Search, VolumeRenderer, register, search_starts
+from xraypose.registration.engine import _pivot_world
+
+
+def _pivot(renderer):
+    return _pivot_world(renderer, None).float()
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +95,52 @@ def test_bad_inputs_raise_clear_errors(scene):
         Scale(2, 10)
     with pytest.raises(InputError, match="physics"):
         VolumeRenderer(load_default_ct(with_labels=False), physics="xray")  # type: ignore[arg-type]
+
+
+def test_search_starts_rotate_about_the_pivot_in_the_detector_plane(scene):
+    renderer, intr, _truth, _target, init, _ = scene
+    pivot = renderer.volume.new_tensor([10.0, -5.0, 20.0]).double()
+    init = init.double()
+    starts = search_starts(init, intr, 15.0, 5, pivot_world=pivot).view(2, 5, 4, 4)
+    assert torch.allclose(starts[:, 0], init)
+    for b in range(2):
+        pivot_cam = transform_points(invert(init[b]), pivot[None])[0]
+        for k in range(1, 5):
+            rel = invert(init[b]) @ starts[b, k]  # motion in the initial camera frame
+            omega = se3_log(rel)[3:]
+            assert math.degrees(float(omega.norm())) == pytest.approx(15.0, abs=1e-6)
+            assert abs(float(omega[2])) < 1e-9  # axis in the detector plane
+            phi = 2 * math.pi * (k - 1) / 4
+            axis = omega / omega.norm()
+            assert float(axis[0]) == pytest.approx(math.cos(phi), abs=1e-6)
+            assert float(axis[1]) == pytest.approx(math.sin(phi), abs=1e-6)
+            # the pivot stays where it was in the camera frame
+            moved = transform_points(invert(starts[b, k]), pivot[None])[0]
+            assert torch.allclose(moved, pivot_cam, atol=1e-9)
+
+
+def test_search_chooses_the_start_of_least_loss(scene):
+    renderer, intr, truth, target, _init, landmarks = scene
+    centre = _pivot(renderer)
+    # initial poses 20° out of plane from the truth, about the camera's x axis through the pivot: the search's
+    # first rotated start lands on the truth exactly, and must be the one chosen
+    to_pivot = torch.eye(4).repeat(2, 1, 1)
+    to_pivot[:, :3, 3] = transform_points(invert(truth), centre.expand(2, 1, 3))[:, 0]
+    back = se3_exp(torch.tensor([[0.0, 0, 0, -math.radians(20.0), 0, 0]]).expand(2, 6))
+    init = truth @ to_pivot @ back @ invert(to_pivot)
+    assert bool((mtre(init, truth, landmarks) > 15).all())
+    search = Search(size=32, iterations=10, starts=4, rotation_deg=20.0)
+    config = RegistrationConfig(scales=(Scale(32, 20, 5e-3, 0.5),), search=search)
+    seen = []
+    result = register(renderer, target, intr, init, config, callback=lambda s, p: seen.append((s, p.shape)))
+    assert torch.allclose(result.poses[0], truth, atol=1e-3)  # the chosen start's first pose
+    assert bool((mtre(result.pose, truth, landmarks) < 0.5).all())
+    levels = [s.level for s in result.trajectory]
+    n_search = levels.count(-1)
+    assert 1 <= n_search <= 10 and levels[:n_search] == [-1] * n_search
+    assert all(s.loss.shape == (2,) and shape == (2, 4, 4) for s, shape in seen)
+    assert result.poses.shape == (len(result.trajectory), 2, 4, 4)
+    # the initial loss is that of the given initial pose, not of the chosen start
+    assert bool((result.initial_loss > result.loss + 0.05).all())
+    with pytest.raises(InputError, match="search"):
+        Search(starts=0)

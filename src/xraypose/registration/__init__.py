@@ -1,7 +1,7 @@
 """Intraoperative registration: optimise the C-arm pose so that a rendering of the CT matches an X-ray."""
 
 from .baselines import METHODS, CMAESConfig, register_cmaes, register_euler_gd
-from .engine import RegistrationConfig, RegistrationResult, Scale, Step, register
+from .engine import RegistrationConfig, RegistrationResult, Scale, Search, Step, register, search_starts
 from .renderers import Physics, Renderer, VolumeRenderer
 
 __all__ = [
@@ -12,9 +12,11 @@ __all__ = [
     "RegistrationResult",
     "Renderer",
     "Scale",
+    "Search",
     "Step",
     "VolumeRenderer",
     "register",
     "register_cmaes",
     "register_euler_gd",
+    "search_starts",
 ]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -33,7 +33,16 @@ from ..losses import scatter_pixels
 from ..render import random_patch_pixels
 from .renderers import Renderer
 
-__all__ = ["Parameterization", "RegistrationConfig", "RegistrationResult", "Scale", "Step", "register"]
+__all__ = [
+    "Parameterization",
+    "RegistrationConfig",
+    "RegistrationResult",
+    "Scale",
+    "Search",
+    "Step",
+    "register",
+    "search_starts",
+]
 
 Parameterization = Literal["se3", "euler", "quaternion"]
 LossFn = Callable[..., torch.Tensor]
@@ -70,6 +79,46 @@ class Scale:
 
 
 @dataclass(frozen=True)
+class Search:
+    """A multi-start search run before the schedule, to widen the capture range.
+
+    Every problem is started from ``starts`` poses at once (one batched render per step): the initial pose
+    and ``starts − 1`` poses rotated from it by ``rotation_deg`` about the pivot, about axes spread evenly in
+    the detector plane (the out-of-plane rotations a single view resolves worst; see :func:`search_starts`).
+    Each start descends ``iterations`` steps at ``size`` pixels; the start whose pose then scores best (exact
+    loss on the whole detector at that size) continues into the schedule.
+
+    Args:
+        size: detector rows of the search renders (columns follow the aspect ratio).
+        iterations: steps per start.
+        starts: poses per problem (1 = plain descent at this size).
+        rotation_deg: angle of the extra starts (degrees).
+        lr_rotation: Adam step size of the rotation (rad).
+        lr_translation: Adam step size of the translation (mm).
+    """
+
+    size: int = 32
+    iterations: int = 60
+    starts: int = 9
+    rotation_deg: float = 15.0
+    lr_rotation: float = 3e-2
+    lr_translation: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.size < 4 or self.iterations < 1 or self.starts < 1:
+            raise InputError(
+                "search: expected size ≥ 4 pixels, iterations ≥ 1 and starts ≥ 1, got "
+                f"{self.size}, {self.iterations}, {self.starts}"
+            )
+        if not (0 <= self.rotation_deg <= 180):
+            raise InputError(f"search: rotation_deg must lie in [0, 180], got {self.rotation_deg}")
+        if not (self.lr_rotation > 0 and self.lr_translation > 0):
+            raise InputError(
+                f"search: learning rates must be positive, got {self.lr_rotation}, {self.lr_translation}"
+            )
+
+
+@dataclass(frozen=True)
 class RegistrationConfig:
     """Settings of :func:`register` (defaults: xvr-like 64 → 128 px, mNCC + gradient NCC).
 
@@ -82,6 +131,8 @@ class RegistrationConfig:
         patience: steps without improvement that end a level.
         max_divergences: non-finite steps tolerated (each restores the best pose) before stopping.
         seed: seeds the sparse patches.
+        search: an optional multi-start :class:`Search` run before ``scales`` (``None``: start the schedule
+            from the initial pose).
     """
 
     scales: tuple[Scale, ...] = (Scale(64, 150, 2e-2, 2.0), Scale(128, 100, 5e-3, 0.5))
@@ -93,8 +144,11 @@ class RegistrationConfig:
     patience: int = 30
     max_divergences: int = 5
     seed: int = 0
+    search: Search | None = None
 
     def __post_init__(self) -> None:
+        if self.search is not None and not isinstance(self.search, Search):
+            raise InputError(f"search: expected a Search or None, got {type(self.search).__name__}")
         if not self.scales:
             raise InputError("scales: expected at least one level")
         if self.parameterization not in ("se3", "euler", "quaternion"):
@@ -105,7 +159,8 @@ class RegistrationConfig:
 
 @dataclass(frozen=True)
 class Step:
-    """One optimisation step: level, step index, per-problem loss (before the update), wall time (s)."""
+    """One optimisation step: level (−1 for a :class:`Search`), step index, per-problem loss (before the
+    update), wall time since the start (s)."""
 
     level: int
     step: int
@@ -241,11 +296,112 @@ def register(
     config = RegistrationConfig() if config is None else config
     loss_fn = _loss_fn(config.loss)
     target, init_pose = _check_problem(target, intrinsics, init_pose)
+    pivot = _pivot_world(renderer, pivot_world)
+    start = time.perf_counter()
+    search = config.search
+    if search is None:
+        return _descend(renderer, target, intrinsics, init_pose, config, loss_fn, pivot, callback, start)
+
+    B, K = init_pose.shape[0], search.starts
+    starts = search_starts(init_pose, intrinsics, search.rotation_deg, K, pivot_world=pivot)
+    search_config = replace(
+        config,
+        scales=(Scale(search.size, search.iterations, search.lr_rotation, search.lr_translation),),
+        search=None,
+    )
+
+    def search_callback(step: Step, pose: torch.Tensor) -> None:
+        if callback is None:
+            return
+        loss = step.loss.view(B, K)
+        lead = loss.nan_to_num(math.inf).argmin(1)
+        arange = torch.arange(B)
+        callback(
+            replace(step, level=-1, loss=loss[arange, lead]),
+            pose.view(B, K, 4, 4)[arange, lead.to(pose.device)],
+        )
+
+    found = _descend(
+        renderer,
+        target.repeat_interleave(K, 0),
+        intrinsics,
+        starts,
+        search_config,
+        loss_fn,
+        pivot,
+        search_callback,
+        start,
+    )
+    best = found.loss.view(B, K).nan_to_num(math.inf).argmin(1)
+    arange = torch.arange(B, device=best.device)
+    chosen = found.pose.view(B, K, 4, 4)[arange, best]
+    result = _descend(renderer, target, intrinsics, chosen, config, loss_fn, pivot, callback, start)
+    # the search's steps (of the start that was chosen) come first in the trajectory and the pose history
+    best_cpu = best.cpu()
+    arange_cpu = torch.arange(B)
+    search_steps = [
+        replace(s, level=-1, loss=s.loss.view(B, K)[arange_cpu, best_cpu]) for s in found.trajectory
+    ]
+    search_poses = found.poses.view(-1, B, K, 4, 4)[:, arange_cpu, best_cpu]
+    final = config.scales[-1]
+    final_intr = intrinsics.resized(final.size, max(4, round(final.size * intrinsics.cols / intrinsics.rows)))
+    with torch.no_grad():
+        initial = loss_fn(
+            renderer(Camera(final_intr, init_pose)), _downsample(target, final_intr.rows, final_intr.cols)
+        ).to(init_pose.dtype)
+    diverged = result.diverged
+    if diverged is not None and found.diverged is not None:
+        diverged = diverged | found.diverged.view(B, K).any(1)
+    return RegistrationResult(
+        pose=result.pose,
+        loss=result.loss,
+        initial_loss=initial,
+        poses=torch.cat([search_poses, result.poses]),
+        trajectory=search_steps + result.trajectory,
+        stop_reason=result.stop_reason,
+        diverged=diverged,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def search_starts(
+    init_pose: torch.Tensor,
+    intrinsics: Intrinsics,
+    rotation_deg: float,
+    starts: int,
+    *,
+    pivot_world: torch.Tensor | Sequence[float] | None = None,
+) -> torch.Tensor:
+    """The starting poses of a multi-start :class:`Search`: ``(B·starts, 4, 4)``, ``starts`` per problem.
+
+    Start 0 is the initial pose; start ``k ≥ 1`` is the initial pose rotated by ``rotation_deg`` about the
+    pivot (world mm; default the point on the principal axis at half the source-to-detector distance), about
+    the axis at angle ``2π(k − 1)/(starts − 1)`` in the detector plane (camera x toward y).
+    """
+    init_pose = validate_pose(init_pose, "init_pose")
     B = init_pose.shape[0]
     dtype, device = init_pose.dtype, init_pose.device
+    to_pivot, from_pivot = _pivot_frames(init_pose, intrinsics, pivot_world)
+    phi = 2 * math.pi * torch.arange(max(starts - 1, 0), dtype=dtype, device=device) / max(starts - 1, 1)
+    axes = torch.stack([phi.cos(), phi.sin(), torch.zeros_like(phi)], -1)
+    omega = torch.cat([torch.zeros(1, 3, dtype=dtype, device=device), axes * math.radians(rotation_deg)])
+    delta = se3_exp(torch.cat([torch.zeros_like(omega), omega], -1))  # (K, 4, 4)
+    K = delta.shape[0]
+    poses = compose(
+        init_pose[:, None].expand(B, K, 4, 4),
+        to_pivot[:, None].expand(B, K, 4, 4),
+        delta[None].expand(B, K, 4, 4),
+        from_pivot[:, None].expand(B, K, 4, 4),
+    )
+    return poses.reshape(B * K, 4, 4)
 
-    # pivot in the initial camera frames
-    pivot_world = _pivot_world(renderer, pivot_world)
+
+def _pivot_frames(
+    init_pose: torch.Tensor, intrinsics: Intrinsics, pivot_world: torch.Tensor | Sequence[float] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Translations to and from the pivot, in each initial camera frame: two ``(B, 4, 4)``."""
+    B = init_pose.shape[0]
+    dtype, device = init_pose.dtype, init_pose.device
     if pivot_world is None:
         pivot_cam = torch.tensor([0.0, 0.0, intrinsics.sdd / 2], dtype=dtype, device=device).expand(B, 3)
     else:
@@ -253,7 +409,24 @@ def register(
         pivot_cam = transform_points(invert(init_pose), pw)[:, 0]
     to_pivot = torch.eye(4, dtype=dtype, device=device).repeat(B, 1, 1)
     to_pivot[:, :3, 3] = pivot_cam
-    from_pivot = invert(to_pivot)
+    return to_pivot, invert(to_pivot)
+
+
+def _descend(
+    renderer: Renderer,
+    target: torch.Tensor,
+    intrinsics: Intrinsics,
+    init_pose: torch.Tensor,
+    config: RegistrationConfig,
+    loss_fn: LossFn,
+    pivot_world: torch.Tensor | None,
+    callback: Callable[[Step, torch.Tensor], None] | None,
+    start: float,
+) -> RegistrationResult:
+    """The coarse-to-fine schedule of ``config.scales`` from ``init_pose`` (checked inputs)."""
+    B = init_pose.shape[0]
+    dtype, device = init_pose.dtype, init_pose.device
+    to_pivot, from_pivot = _pivot_frames(init_pose, intrinsics, pivot_world)
 
     motion = _Motion(config.parameterization, B, dtype, device)
 
@@ -265,7 +438,6 @@ def register(
     diverged = torch.zeros(B, dtype=torch.bool, device=device)
     trajectory: list[Step] = []
     poses: list[torch.Tensor] = []
-    start = time.perf_counter()
     stop_reason = "iterations"
     n_div = 0
     rows0, cols0 = intrinsics.rows, intrinsics.cols

@@ -146,7 +146,7 @@ def test_euler_gd_rotates_about_the_source_and_reduces_the_error(scene, monkeypa
 
     def spy(*args, **kwargs):
         pivots.append(kwargs["pivot_world"])
-        assert args[4].parameterization == "euler"
+        assert args[4].parameterization == "euler" and args[4].search is None
         return engine_register(*args, **kwargs)
 
     monkeypatch.setattr(baselines, "register", spy)
@@ -163,8 +163,8 @@ def test_euler_gd_rotates_about_the_source_and_reduces_the_error(scene, monkeypa
     assert result.poses.shape == (len(result.trajectory), 2, 4, 4)
 
 
-def test_registry_has_three_methods_with_one_signature():
-    assert set(METHODS) == {"diffpose", "cmaes", "euler-gd"}
+def test_registry_methods_share_one_signature():
+    assert set(METHODS) == {"diffpose", "diffpose-fine", "cmaes", "euler-gd"}
     for method in METHODS.values():
         params = inspect.signature(method).parameters
         assert list(params)[:4] == ["renderer", "target", "intrinsics", "init_pose"]

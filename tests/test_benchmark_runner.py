@@ -35,7 +35,7 @@ from xraypose.viz import plot_error_cdf, plot_success_vs_initial_error
 
 LEVELS = ((2.0, 5.0), (5.0, 10.0))
 LABELS = ("2°/5 mm", "5°/10 mm")
-FAST = RegistrationConfig(scales=(Scale(16, 15), Scale(32, 10)))
+FAST = RegistrationConfig(scales=(Scale(16, 15), Scale(32, 10)), search=None)
 
 
 def fast(renderer, target, intrinsics, init_pose, *, seed=0):

@@ -95,3 +95,16 @@ def test_register_bad_input(case, tmp_path: Path):
         ),
         "xyz",
     )
+    one_line_error(
+        invoke(
+            "register",
+            *args,
+            "--xray",
+            folder / "xray.npy",
+            "--out",
+            tmp_path / "r3.json",
+            "--preset",
+            "best",
+        ),
+        "preset",
+    )

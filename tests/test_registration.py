@@ -11,7 +11,15 @@ from xraypose.errors import InputError
 from xraypose.geometry.se3 import invert, se3_exp, se3_log, transform_points
 from xraypose.io import load_default_ct
 from xraypose.metrics import mtre
-from xraypose.registration import RegistrationConfig, Scale, Search, VolumeRenderer, register, search_starts
+from xraypose.registration import (
+    RegistrationConfig,
+    Scale,
+    Search,
+    VolumeRenderer,
+    preset,
+    register,
+    search_starts,
+)
 from xraypose.registration.engine import _pivot_world
 
 
@@ -24,7 +32,7 @@ def scene(registration_scene):
     return registration_scene(128)
 
 
-FAST = RegistrationConfig(scales=(Scale(32, 60, 2e-2, 2.0), Scale(64, 50, 5e-3, 0.5)))
+FAST = RegistrationConfig(scales=(Scale(32, 60, 2e-2, 2.0), Scale(64, 50, 5e-3, 0.5)), search=None)
 
 
 def test_recovers_a_known_pose_from_5_degrees_10_mm(scene):
@@ -144,3 +152,14 @@ def test_search_chooses_the_start_of_least_loss(scene):
     assert bool((result.initial_loss > result.loss + 0.05).all())
     with pytest.raises(InputError, match="search"):
         Search(starts=0)
+
+
+def test_presets():
+    assert preset("default") == RegistrationConfig()
+    fine = preset("fine", seed=4)
+    assert fine.scales[-1].size == 256 and fine.seed == 4 and fine.search is not None
+    assert fine.scales[:-1] == RegistrationConfig().scales
+    with pytest.raises(InputError, match="preset"):
+        preset("best")
+    with pytest.raises(InputError, match="preset 'fine'"):
+        preset("fine", colour="red")

@@ -74,6 +74,13 @@ def register_command(
         ),
     ] = Polarity.attenuation,
     loss: Annotated[str | None, typer.Option(help="ImageLoss spec (default the engine's).")] = None,
+    preset: Annotated[
+        str,
+        typer.Option(
+            help="Registration settings: 'default' (search at 32 px, then 64 → 128 px) or 'fine' (adds a "
+            "256 px level: more accurate, about twice the time)."
+        ),
+    ] = "default",
     force: Annotated[bool, typer.Option(help="Overwrite outputs if they exist.")] = False,
 ) -> None:
     """Register an X-ray to a CT: optimise the C-arm pose from --init and write it with the final similarity."""
@@ -81,7 +88,8 @@ def register_command(
     from ..geometry.se3 import invert, se3_log
     from ..io import read_volume
     from ..io.images import load_image
-    from ..registration import RegistrationConfig, VolumeRenderer, register
+    from ..registration import VolumeRenderer, register
+    from ..registration import preset as registration_preset
 
     try:
         _check_out(out, force, (".json",))
@@ -98,9 +106,11 @@ def register_command(
                 f"{(intr.rows, intr.cols)} (rows, cols)"
             )
         pose0 = _load_pose(init)
-        config = RegistrationConfig() if loss is None else RegistrationConfig(loss=loss)
+        config = registration_preset(preset) if loss is None else registration_preset(preset, loss=loss)
         renderer = VolumeRenderer(volume, physics.value)
         total = sum(s.iterations for s in config.scales)
+        if config.search is not None:
+            total += config.search.iterations
         with Progress(
             TextColumn("registering"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
             TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), console=console, transient=True,
@@ -128,6 +138,7 @@ def register_command(
             "loss": float(result.loss[0]),
             "initial_loss": float(result.initial_loss[0]),
             "loss_spec": config.loss if isinstance(config.loss, str) else "custom",
+            "preset": preset,
             "iterations": result.iterations,
             "seconds": result.seconds,
             "stop_reason": result.stop_reason,

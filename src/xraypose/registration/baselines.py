@@ -10,8 +10,9 @@ Methods (``METHODS``, each ``method(renderer, target, intrinsics, init_pose, *, 
 run with its defaults):
 
 - ``"diffpose"``: :func:`~xraypose.registration.register` with its default :class:`RegistrationConfig` —
-  gradient descent (Adam) through the differentiable renderer in se(3) about the CT's centre, coarse to fine
-  (64 → 128 px).
+  a 9-start search at 32 px, then gradient descent (Adam) through the differentiable renderer in se(3) about
+  the CT's centre, coarse to fine (64 → 128 px).
+- ``"diffpose-fine"``: the same with the ``"fine"`` preset, ending with a full-detector 256 px level.
 - ``"cmaes"``: :func:`register_cmaes`, the conventional derivative-free, intensity-based baseline of xReg
   (Grupp et al.): CMA-ES over the 6 pose parameters at 8× detector downsampling (population 100,
   σ = 15°, 15°, 30°, 50, 50, 100 mm), then BOBYQA (nlopt ``LN_BOBYQA``) from the best pose at 4×
@@ -44,6 +45,7 @@ from .engine import (
     _loss_fn,
     _Motion,
     _pivot_world,
+    preset,
     register,
 )
 from .renderers import Renderer
@@ -494,14 +496,14 @@ def register_euler_gd(
     """Naive gradient descent: :func:`register` with ZYX Euler angles rotating about the X-ray source.
 
     A thin wrapper: ``config`` (default :class:`RegistrationConfig`, same schedule and loss as ``"diffpose"``)
-    is used with ``parameterization="euler"`` forced, and the pivot is the initial source position (the camera
+    is used with ``parameterization="euler"`` and no multi-start search forced, and the pivot is the initial source position (the camera
     origin), so a rotation swings the anatomy ~``source-to-object distance × angle`` across the detector.
     Problems whose initial sources differ are solved one at a time (the engine takes one pivot per call).
     """
     config = RegistrationConfig() if config is None else config
     if not isinstance(config, RegistrationConfig):
         raise InputError(f"config: expected a RegistrationConfig, got {type(config).__name__}")
-    config = replace(config, parameterization="euler")
+    config = replace(config, parameterization="euler", search=None)
     target, init_pose = _check_problem(target, intrinsics, init_pose)
     sources = init_pose[:, :3, 3]
     if bool(torch.allclose(sources, sources[:1].expand_as(sources), rtol=0.0, atol=1e-6)):
@@ -532,8 +534,20 @@ def _diffpose_method(
     *,
     seed: int = 0,
 ) -> RegistrationResult:
-    """``register`` with its default config (se(3) about the CT's centre, 64 → 128 px)."""
+    """``register`` with its default config (search at 32 px, then 64 → 128 px, se(3) about the CT's centre)."""
     return register(renderer, target, intrinsics, init_pose, RegistrationConfig(seed=seed))
+
+
+def _diffpose_fine_method(
+    renderer: Renderer,
+    target: torch.Tensor,
+    intrinsics: Intrinsics,
+    init_pose: torch.Tensor,
+    *,
+    seed: int = 0,
+) -> RegistrationResult:
+    """``register`` with the ``"fine"`` preset (the default schedule and a final full-detector 256 px level)."""
+    return register(renderer, target, intrinsics, init_pose, preset("fine", seed=seed))
 
 
 def _cmaes_method(
@@ -563,6 +577,7 @@ def _euler_gd_method(
 #: The registered methods, by name (see the module docstring), for the benchmark runner.
 METHODS: dict[str, MethodFn] = {
     "diffpose": _diffpose_method,
+    "diffpose-fine": _diffpose_fine_method,
     "cmaes": _cmaes_method,
     "euler-gd": _euler_gd_method,
 }

@@ -26,7 +26,6 @@ from xraypose.registration import RegistrationConfig, Scale, register
 from xraypose.registration import benchmark as runner
 from xraypose.registration.benchmark import (
     OUTPUT_FILES,
-    PeerRefinement,
     read_results,
     run_benchmark,
     write_results,
@@ -190,12 +189,6 @@ def test_ct_location(bench_path: Path, volume, tmp_path: Path) -> None:
         run_benchmark(moved, ["identity"], method_table=TABLE, ct=other)
     with pytest.raises(FileFormatError, match=r"missing\.nii\.gz"):
         run_benchmark(moved, ["identity"], method_table=TABLE, ct=tmp_path / "missing.nii.gz")
-
-
-def test_peer_refinement_is_only_a_placeholder() -> None:
-    spec = PeerRefinement("diffpose-peer", Path("peer/bin/python"), Path("peer_refine.py"))
-    assert spec.name == "diffpose-peer"
-    assert "diffpose-peer" not in runner.__dict__.get("METHODS", {})
 
 
 # ---------------------------------------------------------------------------------------------- outputs

@@ -30,6 +30,31 @@ class BenchPhysics(str, Enum):
     poly = "poly"
 
 
+class PeerRenderMethod(str, Enum):
+    siddon = "siddon"
+    trilinear = "trilinear"
+
+
+def _parse_ints(option: str, text: str | None, *, full: bool = False) -> list[int | None] | None:
+    """``"150,100"`` → ``[150, 100]``; with ``full``, ``"full"`` entries become ``None``."""
+    if text is None:
+        return None
+    values: list[int | None] = []
+    for part in text.replace(" ", "").split(","):
+        if full and part == "full":
+            values.append(None)
+            continue
+        try:
+            values.append(int(part))
+        except ValueError:
+            values = []
+            break
+    if not values:
+        example = "'64,128' or 'full'" if full else "'150,100' or '100'"
+        raise InputError(f"{option}: expected comma-separated integers like {example}, got {text!r}")
+    return values
+
+
 def _parse_levels(text: str | None) -> list[int] | None:
     if text is None:
         return None
@@ -57,7 +82,10 @@ def benchmark_command(
     method: Annotated[
         list[str] | None,
         typer.Option(
-            "--method", help="Registration method (repeat for several); default diffpose.", show_default=False
+            "--method",
+            help="Registration method (repeat for several); default diffpose. Peer rows: peer-diffpose "
+            "(DiffPose on DiffDRR), peer-xvr (xvr on nanodrr), peer-xvr-diffdrr; they need --peer-python.",
+            show_default=False,
         ),
     ] = None,
     ct: Annotated[
@@ -76,6 +104,40 @@ def benchmark_command(
         str | None, typer.Option(help="Torch device, e.g. 'cpu' or 'cuda' (default: CUDA when available).")
     ] = None,
     force: Annotated[bool, typer.Option(help="Overwrite result files in --out.")] = False,
+    peer_python: Annotated[
+        Path | None,
+        typer.Option(
+            "--peer-python",
+            envvar="XRAYPOSE_PEER_PYTHON",
+            help="Python of the peer environment (DiffDRR, nanodrr) for the peer-* methods; "
+            "'bash ../shared/tools/setup-peers.sh' creates it and prints its path.",
+        ),
+    ] = None,
+    peer_iterations: Annotated[
+        str | None,
+        typer.Option(
+            "--peer-iterations",
+            help="Peer Adam steps: one number for every stage or one per stage, e.g. '100' or '150,100' "
+            "(default: the recipe's, DiffPose 500, xvr 150,100).",
+        ),
+    ] = None,
+    peer_sizes: Annotated[
+        str | None,
+        typer.Option(
+            "--peer-sizes",
+            help="Peer detector rows per stage, e.g. '128' or '64,128'; 'full' is the benchmark's detector "
+            "(default: the recipe's, DiffPose full, xvr 64,128).",
+        ),
+    ] = None,
+    peer_render_method: Annotated[
+        PeerRenderMethod | None,
+        typer.Option(
+            "--peer-render-method", help="DiffDRR's renderer for the peers (nanodrr: trilinear only)."
+        ),
+    ] = None,
+    peer_timeout: Annotated[
+        float, typer.Option("--peer-timeout", help="Seconds one peer run may take before it is stopped.")
+    ] = 7200.0,
 ) -> None:
     """Run registration methods on every case, level and initial pose of a benchmark; write tables and plots."""
     from ..registration import benchmark as runner
@@ -91,11 +153,39 @@ def benchmark_command(
             raise InputError(f"--max-cases: expected a positive integer, got {max_cases}")
         if seed < 0:
             raise InputError(f"--seed: expected a non-negative integer, got {seed}")
-        table = runner.default_method_table()
-        unknown = [m for m in methods if m not in table]
+        table = dict(runner.default_method_table())
+        unknown = [m for m in methods if m not in table and m not in runner.PEER_METHODS]
         if unknown:
+            known = ", ".join(sorted(set(table) | set(runner.PEER_METHODS)))
+            raise InputError(f"--method: unknown method(s) {', '.join(unknown)}; choose from {known}")
+        peers = [m for m in methods if m in runner.PEER_METHODS and m not in table]
+        given = [
+            flag
+            for flag, value in (
+                ("--peer-iterations", peer_iterations),
+                ("--peer-sizes", peer_sizes),
+                ("--peer-render-method", peer_render_method),
+            )
+            if value is not None
+        ]
+        if given and not peers:
+            raise InputError(f"{', '.join(given)}: only for peer methods (--method peer-xvr, peer-diffpose…)")
+        if peers and peer_python is None:
             raise InputError(
-                f"--method: unknown method(s) {', '.join(unknown)}; choose from {', '.join(sorted(table))}"
+                f"--method {peers[0]}: peer methods need --peer-python PATH (or XRAYPOSE_PEER_PYTHON), the "
+                "Python of the peer environment that 'bash ../shared/tools/setup-peers.sh' creates"
+            )
+        iterations = _parse_ints("--peer-iterations", peer_iterations)
+        sizes = _parse_ints("--peer-sizes", peer_sizes, full=True)
+        for name in peers:
+            assert peer_python is not None
+            table[name] = runner.peer_method(
+                name,
+                peer_python,
+                iterations=iterations,  # type: ignore[arg-type]
+                sizes=sizes,
+                render_method=None if peer_render_method is None else peer_render_method.value,
+                timeout_s=peer_timeout,
             )
         with Progress(
             TextColumn("{task.description}"),

@@ -12,22 +12,31 @@ A **method** is a callable ``method(renderer, target, intrinsics, init_pose, *, 
 on the renderer's device); the result needs ``pose`` and may have ``iterations``, ``stop_reason``, ``loss``,
 ``initial_loss``, ``diverged``, ``seconds``. The default methods are the registry ``METHODS`` of
 :mod:`xraypose.registration.baselines`; ``method_table`` replaces it.
+
+**Peer rows.** :func:`peer_method` (or the names of :data:`PEER_METHODS` with ``peer_python=``) runs a
+DiffPose-style refinement on DiffDRR 0.6.1 or an xvr-style one on nanodrr 0.1.7, in the peers' own virtual
+environment (one process per run, ``_peer_refine.py``), on the same cases; every geometric conversion is done
+here through :mod:`xraypose.geometry.diffdrr`. Their rows record the recipe's settings and the optimisation's
+own seconds (``docs/registration.md``, "Peer refinement").
 """
 
 from __future__ import annotations
 
+import atexit
 import csv
 import io
 import json
 import math
 import os
 import platform
+import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -38,13 +47,17 @@ from ..metrics import summary_markdown as _summary_table
 
 __all__ = [
     "OUTPUT_FILES",
+    "PEER_METHODS",
+    "PEER_SCRIPT",
     "BenchmarkResults",
     "MethodFn",
     "PeerRefinement",
+    "PeerResult",
     "check_outputs",
     "default_method_table",
     "level_label",
     "load_benchmark_ct",
+    "peer_method",
     "read_results",
     "report_markdown",
     "run_benchmark",
@@ -76,29 +89,521 @@ class BenchmarkResults(list):  # type: ignore[type-arg]
         self.metadata: dict[str, Any] = dict(metadata or {})
 
 
-@dataclass(frozen=True)
-class PeerRefinement:
-    """Placeholder (not implemented, not a registered method): refinement by a peer implementation.
+# ---------------------------------------------------------------------------------------------- peers
+#: The peer-side script (package data): runs under the peers' Python, imports nothing from xraypose.
+PEER_SCRIPT = Path(__file__).with_name("_peer_refine.py")
 
-    Issue 4 item 5 asks for the peers' own refinement — DiffPose's test-time optimisation on DiffDRR, or on
-    nanodrr — as reference rows of the same tables. Those packages bring their own dependencies (another
-    torch), so they would run in a separate virtual environment, one process per benchmark. The planned
-    protocol: for each run the runner writes the target image (``.npy``), the intrinsics
-    (``Intrinsics.to_dict()`` JSON, converted with :mod:`xraypose.geometry.diffdrr`), the initial pose and the
-    CT path to a work folder; ``python script workdir`` (with the peer venv's interpreter) writes back
-    ``pose.json`` (camera-to-world, world = CT RAS mm), ``seconds`` and ``iterations``; the runner then scores
-    it like any method. Nothing here runs it yet: this record only fixes the names, and :func:`run_benchmark`
-    does not know it.
+#: Method names that run a peer refinement: name → (recipe, peer renderer).
+PEER_METHODS: dict[str, tuple[str, str]] = {
+    "peer-diffpose": ("diffpose", "diffdrr"),
+    "peer-xvr": ("xvr", "nanodrr"),
+    "peer-xvr-diffdrr": ("xvr", "diffdrr"),
+}
+
+_SETUP_PEERS = "bash ../shared/tools/setup-peers.sh"
+_TEMP_DIRS: list[str] = []
+
+
+def _remove_temp_dirs() -> None:
+    import shutil
+
+    while _TEMP_DIRS:
+        shutil.rmtree(_TEMP_DIRS.pop(), ignore_errors=True)
+
+
+atexit.register(_remove_temp_dirs)
+
+
+def _peer_module() -> Any:
+    from . import _peer_refine
+
+    return _peer_refine
+
+
+def _peer_settings(recipe: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    mod = _peer_module()
+    try:
+        return mod.resolve_settings(recipe, dict(overrides))
+    except mod.SpecError as exc:
+        raise InputError(f"peer recipe {recipe!r}: {exc}") from None
+
+
+def _probe_peer_python(python: Path) -> dict[str, Any]:
+    """Versions of torch, diffdrr and nanodrr in the peer interpreter (``None`` where missing)."""
+    code = (
+        "import json, importlib.metadata as m\n"
+        "def v(n):\n"
+        "    try:\n"
+        "        return m.version(n)\n"
+        "    except m.PackageNotFoundError:\n"
+        "        return None\n"
+        "print(json.dumps({n: v(n) for n in ('torch', 'diffdrr', 'nanodrr')}))\n"
+    )
+    try:
+        proc = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise InputError(
+            f"peer Python {python} does not run ({exc}); set it up with `{_SETUP_PEERS}`"
+        ) from None
+    lines = proc.stdout.strip().splitlines()
+    try:
+        found = json.loads(lines[-1]) if proc.returncode == 0 and lines else None
+    except ValueError:
+        found = None
+    if not isinstance(found, dict):
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise InputError(
+            f"peer Python {python} failed (exit code {proc.returncode}: {tail[0]}); set it up with `{_SETUP_PEERS}`"
+        )
+    return found
+
+
+@dataclass(frozen=True)
+class PeerResult:
+    """What a :class:`PeerRefinement` returns (the fields :func:`run_benchmark` reads).
 
     Attributes:
-        name: the method name it would report, e.g. ``"diffpose-peer"``.
+        pose: ``(1, 4, 4)`` float32 camera-to-world pose (CT RAS world, our camera frame), on the target's
+            device.
+        iterations: optimisation steps run (all stages).
+        loss, initial_loss: the recipe's ``1 − similarity`` of the final and the initial pose at its last
+            stage's detector.
+        stop_reason: ``"iterations"``, ``"plateau"`` (xvr's early stop) or ``"diverged"``.
+        diverged: whether a non-finite similarity stopped the run (its last finite pose is returned).
+        seconds: the optimisation only, measured in the peer process (CT loading and process start excluded).
+        extra: recorded in the run's ``extra``: recipe, renderer, stages actually run, the peer's load time,
+            the wall time of the whole call, threads, device.
+    """
+
+    pose: torch.Tensor
+    iterations: int
+    loss: float
+    initial_loss: float
+    stop_reason: str
+    diverged: bool
+    seconds: float
+    extra: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class PeerRefinement:
+    """A registration method run by a peer implementation in its own Python (a separate virtual environment).
+
+    Each call writes a work folder (the target as ``.npy`` in the peer's pixel order, the spec JSON with the
+    detector and the initial pose converted to the peer's conventions through
+    :mod:`xraypose.geometry.diffdrr`, the CT's path), runs ``python script spec.json``, reads back the
+    peer-convention pose and converts it to our camera-to-world pose. The peer process loads the CT on every
+    call; the result's ``seconds`` are the optimisation alone, as timed by the peer (:attr:`own_timing`), and
+    the call's wall time goes to ``extra["peer_wall_seconds"]``. Recipes and settings: the docstring of
+    ``xraypose/registration/_peer_refine.py`` and :func:`peer_method`, which builds and checks instances.
+
+    The CT must be bound (:meth:`bind_ct`, done by :func:`run_benchmark`, or ``peer_method(..., ct=)``).
+
+    Attributes:
+        name: the method name it reports, e.g. ``"peer-xvr"``.
         python: the peer environment's Python interpreter.
-        script: the peer-side script implementing the protocol above.
+        script: the peer-side script (default :data:`PEER_SCRIPT`).
+        recipe: ``"diffpose"`` or ``"xvr"``.
+        settings: overrides of the recipe's settings (``renderer``, ``iterations``, ``sizes``,
+            ``render_method``, ``n_samples``, …).
+        threads: torch threads of the peer process (default: this process's ``torch.get_num_threads()``).
+        device: the peer's torch device (default: the target's).
+        timeout_s: wall-clock limit of one call.
+        orientation: ``orientation`` given to ``diffdrr.data.read``.
+        ct_path, ct_affine, ct_shape: the bound CT (file, RAS affine as 16 numbers, grid size).
+        versions: the peer's torch / diffdrr / nanodrr versions (recorded in the metadata).
+        keep_workdir: keep each call's work folder (its path goes to ``extra["peer_workdir"]``).
     """
 
     name: str
     python: Path
-    script: Path
+    script: Path = PEER_SCRIPT
+    recipe: str = "diffpose"
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    threads: int | None = None
+    device: str | None = None
+    timeout_s: float = 7200.0
+    orientation: str = "AP"
+    ct_path: Path | None = None
+    ct_affine: tuple[float, ...] | None = None
+    ct_shape: tuple[int, int, int] | None = None
+    versions: Mapping[str, Any] = field(default_factory=dict)
+    keep_workdir: bool = False
+
+    #: :func:`run_benchmark` records the method's own ``seconds`` (not the call's wall time).
+    own_timing: ClassVar[bool] = True
+    #: No untimed warm-up run: every call is a fresh process, a warm-up would warm nothing.
+    warmup: ClassVar[bool] = False
+
+    def resolved_settings(self) -> dict[str, Any]:
+        """The recipe's settings with :attr:`settings` applied (what the peer will run)."""
+        return _peer_settings(self.recipe, self.settings)
+
+    def bind_ct(self, volume: Any, path: str | Path | None = None) -> PeerRefinement:
+        """A copy bound to the CT ``volume`` read from ``path``; without a path (e.g. the bundled CT) the
+        volume is written to a temporary NIfTI (removed at exit) for the peer to read."""
+        from ..io import write_volume
+
+        if path is None or not Path(path).is_file():
+            folder = tempfile.mkdtemp(prefix="xraypose-peer-ct-")
+            _TEMP_DIRS.append(folder)
+            path = write_volume(volume, Path(folder) / "ct.nii.gz")
+        affine = tuple(float(v) for v in volume.affine.detach().cpu().reshape(-1).tolist())
+        shape = tuple(int(s) for s in volume.shape)
+        return replace(self, ct_path=Path(path).resolve(), ct_affine=affine, ct_shape=shape)  # type: ignore[arg-type]
+
+    def describe(self) -> dict[str, Any]:
+        """The method's record for the run's metadata: recipe, the settings it runs, peer, versions."""
+        return {
+            "name": self.name,
+            "recipe": self.recipe,
+            "settings": self.resolved_settings(),
+            "python": str(self.python),
+            "script": str(self.script),
+            "versions": dict(self.versions),
+            "threads": self.threads or torch.get_num_threads(),
+            "device": self.device or "the target's (the runner's device)",
+            "timeout_s": self.timeout_s,
+            "orientation": self.orientation,
+            "ct": None if self.ct_path is None else str(self.ct_path),
+            "timing": "seconds = the peer's optimisation loop (CT loading and process start excluded); "
+            "extra.peer_wall_seconds = the whole call",
+        }
+
+    # ------------------------------------------------------------------ conventions
+    def _frame(self) -> tuple[Any, tuple[int, int, int]]:
+        import numpy as np
+
+        if self.ct_affine is None or self.ct_shape is None or self.ct_path is None:
+            raise InputError(
+                f"method {self.name!r}: no CT bound; use bind_ct(volume, path) (run_benchmark does) or "
+                "peer_method(..., ct=path)"
+            )
+        return np.asarray(self.ct_affine, dtype=np.float64).reshape(4, 4), self.ct_shape
+
+    def to_peer_pose(self, pose: torch.Tensor, renderer: str) -> torch.Tensor:
+        """Our ``(1, 4, 4)`` camera-to-world pose → the peer's ``(4, 4)`` float64 pose: DiffDRR's pose matrix
+        ``M`` (``diffdrr.pose``) or nanodrr's ``rt_inv``, both in DiffDRR's centred world."""
+        from ..geometry.diffdrr import diffdrr_isocenter, diffdrr_params_to_matrix, world_pose_to_diffdrr
+
+        affine, shape = self._frame()
+        p = pose.detach().to(device="cpu", dtype=torch.float64).reshape(1, 4, 4)
+        if renderer == "diffdrr":
+            rot, trans = world_pose_to_diffdrr(p, "matrix", None, affine, shape, self.orientation)
+            return diffdrr_params_to_matrix(rot, trans, "matrix", None)[0]
+        out = p[0].clone()
+        out[:3, 3] -= diffdrr_isocenter(affine, shape)
+        return out
+
+    def from_peer_pose(self, peer_pose: torch.Tensor, renderer: str) -> torch.Tensor:
+        """Inverse of :meth:`to_peer_pose`: ``(1, 4, 4)`` float64 camera-to-world in the CT's RAS world."""
+        from ..geometry.diffdrr import diffdrr_isocenter, diffdrr_pose_to_world
+
+        affine, shape = self._frame()
+        m = peer_pose.to(torch.float64).reshape(1, 4, 4)
+        if renderer == "diffdrr":
+            return diffdrr_pose_to_world(m, None, "matrix", None, affine, shape, self.orientation)
+        out = m.clone()
+        out[0, :3, 3] += diffdrr_isocenter(affine, shape)
+        return out
+
+    def spec(
+        self,
+        target: torch.Tensor,
+        intrinsics: Any,
+        init_pose: torch.Tensor,
+        workdir: str | Path,
+        *,
+        seed: int = 0,
+        mode: str = "refine",
+    ) -> dict[str, Any]:
+        """Write the target to ``workdir`` and return the peer's spec (see ``_peer_refine.py``)."""
+        import numpy as np
+
+        from ..geometry.diffdrr import DiffDRRGeometry
+
+        settings = self.resolved_settings()
+        renderer = settings["renderer"]
+        self._frame()
+        if not isinstance(target, torch.Tensor) or target.ndim != 3 or target.shape[0] != 1:
+            raise InputError(
+                f"method {self.name!r}: expected a (1, rows, cols) target, got {getattr(target, 'shape', target)}"
+            )
+        if tuple(target.shape[-2:]) != (intrinsics.rows, intrinsics.cols):
+            raise InputError(
+                f"method {self.name!r}: target {tuple(target.shape[-2:])} does not match the detector "
+                f"({intrinsics.rows}, {intrinsics.cols})"
+            )
+        geom = DiffDRRGeometry.from_intrinsics(intrinsics, self.orientation)
+        image = target[0].detach().to(device="cpu", dtype=torch.float32)
+        if renderer == "diffdrr":
+            image = geom.image_to_diffdrr(image)
+        workdir = Path(workdir)
+        target_path = workdir / "target.npy"
+        np.save(target_path, image.contiguous().numpy())
+        device = self.device or str(target.device)
+        threads = self.threads or torch.get_num_threads()
+        return {
+            "mode": mode,
+            "recipe": self.recipe,
+            "settings": settings,
+            "ct": str(self.ct_path),
+            "orientation": self.orientation,
+            "target": str(target_path),
+            "intrinsics": intrinsics.to_dict(),
+            "diffdrr_detector": geom.drr_kwargs(),
+            "nanodrr_intrinsics": {
+                "sdd": intrinsics.sdd,
+                "delx": intrinsics.dx,
+                "dely": intrinsics.dy,
+                "x0": intrinsics.x0,  # nanodrr's pixel (v, u) is at ((u − (W−1)/2)·delx − x0, …): ours
+                "y0": intrinsics.y0,
+                "height": intrinsics.rows,
+                "width": intrinsics.cols,
+            },
+            "init": self.to_peer_pose(init_pose, renderer).tolist(),
+            "init_world": init_pose.detach().double().cpu().reshape(4, 4).tolist(),
+            "device": device,
+            "threads": threads,
+            "seed": int(seed),
+            "out": str(workdir / "result.json"),
+            "out_image": str(workdir / "image.npy"),
+        }
+
+    def run_spec(self, spec: Mapping[str, Any], workdir: str | Path) -> dict[str, Any]:
+        """Run the peer script on ``spec`` (written to ``workdir/spec.json``); return its result JSON.
+
+        Raises:
+            XrayposeError: the process timed out, failed, or wrote no result (the message has the peer's
+                error and the tail of its stderr).
+        """
+        spec_path = Path(workdir) / "spec.json"
+        spec_path.write_text(json.dumps(spec, indent=1), encoding="utf-8")
+        env = dict(os.environ)
+        threads = str(spec.get("threads") or "")
+        if threads:
+            env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+        cmd = [str(self.python), str(self.script), str(spec_path)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout_s, env=env)
+        except subprocess.TimeoutExpired:
+            raise XrayposeError(
+                f"peer method {self.name!r} timed out after {self.timeout_s:g} s; lower its budget "
+                "(iterations=, sizes=; --peer-iterations, --peer-sizes) or raise timeout_s (--peer-timeout)"
+            ) from None
+        except OSError as exc:
+            raise InputError(f"peer method {self.name!r}: cannot run {self.python}: {exc}") from None
+        out = Path(str(spec["out"]))
+        result: dict[str, Any] | None = None
+        if out.is_file():
+            try:
+                result = json.loads(out.read_text(encoding="utf-8"))
+            except ValueError:
+                result = None
+        tail = " | ".join((proc.stderr or "").strip().splitlines()[-6:])
+        if result is None:
+            raise XrayposeError(
+                f"peer method {self.name!r} failed (exit code {proc.returncode}) without a result; "
+                f"stderr: {tail or '(empty)'}"
+            )
+        if not result.get("ok"):
+            where = " | ".join(str(result.get("traceback", "")).strip().splitlines()[-4:-1])
+            raise XrayposeError(
+                f"peer method {self.name!r} failed: {result.get('error', 'unknown error')}"
+                + (f" (at {where})" if where else "")
+                + (f"; stderr: {tail}" if tail else "")
+            )
+        return result
+
+    def render(self, intrinsics: Any, pose: torch.Tensor) -> torch.Tensor:
+        """The peer's DRR of ``pose`` on the full detector (its own renderer and density), re-indexed onto
+        our pixel grid, ``(1, rows, cols)`` float32 on the CPU: for checking the conventions end to end."""
+        import shutil
+
+        import numpy as np
+
+        from ..geometry.diffdrr import DiffDRRGeometry
+
+        workdir = tempfile.mkdtemp(prefix=f"xraypose-{self.name}-render-")
+        try:
+            blank = torch.zeros(1, intrinsics.rows, intrinsics.cols)
+            spec = self.spec(blank, intrinsics, pose, workdir, mode="render")
+            self.run_spec(spec, workdir)
+            image = torch.from_numpy(np.load(spec["out_image"])).to(torch.float32)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        if spec["settings"]["renderer"] == "diffdrr":
+            image = DiffDRRGeometry.from_intrinsics(intrinsics, self.orientation).image_from_diffdrr(image)
+        return image.reshape(1, intrinsics.rows, intrinsics.cols)
+
+    def __call__(
+        self, renderer: Any, target: torch.Tensor, intrinsics: Any, init_pose: torch.Tensor, *, seed: int = 0
+    ) -> PeerResult:
+        import shutil
+
+        del renderer  # the peer renders the CT itself
+        t0 = time.perf_counter()
+        workdir = tempfile.mkdtemp(prefix=f"xraypose-{self.name}-")
+        try:
+            spec = self.spec(target, intrinsics, init_pose, workdir, seed=seed)
+            result = self.run_spec(spec, workdir)
+            peer_renderer = spec["settings"]["renderer"]
+            try:
+                peer_pose = torch.tensor(result["pose"], dtype=torch.float64).reshape(4, 4)
+            except (KeyError, TypeError, ValueError, RuntimeError):
+                raise XrayposeError(
+                    f"peer method {self.name!r}: its result has no (4, 4) pose: {result.get('pose')!r}"
+                ) from None
+            pose = self.from_peer_pose(peer_pose, peer_renderer)
+        finally:
+            if not self.keep_workdir:
+                shutil.rmtree(workdir, ignore_errors=True)
+        wall = time.perf_counter() - t0
+        extra = {
+            "peer": self.name,
+            "peer_recipe": self.recipe,
+            "peer_renderer": peer_renderer,
+            "peer_render_method": spec["settings"]["render_method"],
+            "peer_stages": result.get("stages"),
+            "peer_seconds": result.get("seconds"),
+            "peer_load_seconds": result.get("load_seconds"),
+            "peer_wall_seconds": wall,
+            "peer_threads": result.get("threads"),
+            "peer_device": spec["device"],
+        }
+        if self.keep_workdir:
+            extra["peer_workdir"] = workdir
+        return PeerResult(
+            pose=pose.to(device=target.device, dtype=torch.float32),
+            iterations=int(result.get("iterations", 0)),
+            loss=float(result.get("loss", math.nan)),
+            initial_loss=float(result.get("initial_loss", math.nan)),
+            stop_reason=str(result.get("stop_reason", "")),
+            diverged=bool(result.get("diverged", False)),
+            seconds=float(result.get("seconds", math.nan)),
+            extra=extra,
+        )
+
+
+def _parse_recipe(recipe: str, renderer: str | None) -> tuple[str, str | None, str]:
+    """``recipe`` (``"diffpose"``, ``"xvr"`` or a :data:`PEER_METHODS` name) → (recipe, renderer, name)."""
+    if recipe in PEER_METHODS:
+        base, default_renderer = PEER_METHODS[recipe]
+        if renderer is not None and renderer != default_renderer:
+            raise InputError(f"peer method {recipe!r} runs on {default_renderer}, not {renderer!r}")
+        return base, default_renderer, recipe
+    if recipe not in _peer_module().RECIPES:
+        known = ", ".join(sorted(_peer_module().RECIPES) + sorted(PEER_METHODS))
+        raise InputError(f"unknown peer recipe {recipe!r}; expected one of {known}")
+    renderer = renderer or _peer_module().RECIPES[recipe]["renderer"]
+    name = next(
+        (n for n, rr in PEER_METHODS.items() if rr == (recipe, renderer)), f"peer-{recipe}-{renderer}"
+    )
+    return recipe, renderer, name
+
+
+def peer_method(
+    recipe: str,
+    python: str | Path,
+    *,
+    name: str | None = None,
+    renderer: str | None = None,
+    iterations: int | Sequence[int] | None = None,
+    sizes: int | str | Sequence[int | str | None] | None = None,
+    render_method: str | None = None,
+    n_samples: int | None = None,
+    options: Mapping[str, Any] | None = None,
+    threads: int | None = None,
+    device: str | None = None,
+    timeout_s: float = 7200.0,
+    ct: str | Path | Any | None = None,
+    check: bool = True,
+    keep_workdir: bool = False,
+) -> PeerRefinement:
+    """A peer refinement as a registration method for :func:`run_benchmark` (``method_table``).
+
+    Args:
+        recipe: ``"diffpose"`` (DiffPose on DiffDRR), ``"xvr"`` (xvr on nanodrr) or a :data:`PEER_METHODS`
+            name (``"peer-diffpose"``, ``"peer-xvr"``, ``"peer-xvr-diffdrr"``).
+        python: the peer environment's Python (``bash ../shared/tools/setup-peers.sh`` prints it).
+        name: the reported method name (default from :data:`PEER_METHODS`).
+        renderer: ``"diffdrr"`` or ``"nanodrr"`` (default: the recipe's).
+        iterations: Adam steps, one number for every stage or one per stage (default: the recipe's, DiffPose
+            500; xvr 150 + 100).
+        sizes: detector rows per stage, one value or a list; ``"full"`` (or ``None`` in a list) is the
+            benchmark's detector (default: the recipe's, DiffPose full; xvr 64 then 128).
+        render_method: ``"siddon"`` or ``"trilinear"`` (DiffDRR; nanodrr is trilinear only).
+        n_samples: trilinear samples per ray (default 500).
+        options: any other recipe setting (``lr_rot``, ``lr_xyz``, ``bone_attenuation_multiplier``,
+            ``patience``…; see ``_peer_refine.RECIPES``).
+        threads: torch threads of the peer (default: this process's).
+        device: the peer's torch device (default: the target's).
+        timeout_s: wall-clock limit of one call.
+        ct: the CT (a path or a :class:`~xraypose.io.Volume`) to bind now; :func:`run_benchmark` binds its
+            own.
+        check: check now that ``python`` runs and has the packages the recipe needs.
+        keep_workdir: keep every call's work folder.
+
+    Raises:
+        InputError: unknown recipe or setting, peer Python missing or without its packages (the message says
+            how to set it up), bad timeout.
+    """
+    base, renderer, default_name = _parse_recipe(recipe, renderer)
+    overrides: dict[str, Any] = dict(options or {})
+    for key, value in (
+        ("renderer", renderer),
+        ("iterations", iterations),
+        ("render_method", render_method),
+        ("n_samples", n_samples),
+    ):
+        if value is not None:
+            overrides[key] = list(value) if isinstance(value, (list, tuple)) else value
+    if sizes is not None:
+        stages = list(sizes) if isinstance(sizes, (list, tuple)) else [sizes]
+        overrides["sizes"] = [None if s in (None, "full") else s for s in stages]
+    _peer_settings(base, overrides)  # validates
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
+        raise InputError(f"timeout_s: expected a positive number of seconds, got {timeout_s!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise InputError(f"threads: expected a positive integer, got {threads!r}")
+    py = Path(python).expanduser()
+    found: dict[str, Any] = {}
+    if check:
+        if not py.exists():
+            raise InputError(
+                f"peer Python {py} not found; create the peer environment with `{_SETUP_PEERS}` (it prints "
+                "the interpreter's path)"
+            )
+        found = _probe_peer_python(py)
+        need = ["torch", "diffdrr"] + (["nanodrr"] if renderer == "nanodrr" else [])
+        missing = [pkg for pkg in need if not found.get(pkg)]
+        if missing:
+            raise InputError(
+                f"peer Python {py} lacks {', '.join(missing)} (needed by recipe {base!r} on {renderer}); "
+                f"install the peers with `{_SETUP_PEERS}`"
+            )
+    method = PeerRefinement(
+        name=name or default_name,
+        python=py,
+        recipe=base,
+        settings=overrides,
+        threads=threads,
+        device=device,
+        timeout_s=float(timeout_s),
+        versions=found,
+        keep_workdir=keep_workdir,
+    )
+    if ct is not None:
+        from ..io import Volume, read_volume
+
+        if isinstance(ct, Volume):
+            method = method.bind_ct(ct)
+        else:
+            path = Path(ct)
+            if not path.is_file():
+                raise FileFormatError(f"{path}: CT not found")
+            method = method.bind_ct(read_volume(path), path)
+    return method
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -257,6 +762,8 @@ def run_benchmark(
     method_table: Mapping[str, MethodFn] | None = None,
     device: str | torch.device | None = None,
     warmup: bool = True,
+    peer_python: str | Path | None = None,
+    peer_options: Mapping[str, Any] | None = None,
 ) -> BenchmarkResults:
     """Run registration methods on a synthetic benchmark and score every run.
 
@@ -276,12 +783,20 @@ def run_benchmark(
         device: where to render (default CUDA when available, else the CPU).
         warmup: first run every method once, untimed and unscored, on the first selected initial pose, so
             that one-time costs (JIT compilation, CUDA context and kernel autotuning) are not charged to the
-            first case.
+            first case (not peer methods: each of their calls is a fresh process).
+        peer_python: the peer environment's Python; with it the names of :data:`PEER_METHODS`
+            (``"peer-diffpose"``, ``"peer-xvr"``, ``"peer-xvr-diffdrr"``) that ``method_table`` lacks run
+            :func:`peer_method` refinements, side by side with the other methods on the same cases.
+        peer_options: keyword arguments of :func:`peer_method` for those (``iterations``, ``sizes``,
+            ``render_method``, ``threads``, ``timeout_s``…).
     Returns:
         A :class:`BenchmarkResults` list of :class:`~xraypose.metrics.CaseResult`, one per case × level ×
         initial pose × method (in that nesting order), with the run's ``metadata``. ``case`` is the case
         index (``"0007"``), ``level`` :func:`level_label`; ``extra`` holds the indices of the case, level and
         initial pose, the method's own final and initial loss, its reported seconds, and whether it diverged.
+        Methods with ``own_timing`` (peers) are scored with their own ``seconds`` (the optimisation alone;
+        ``extra["wall_seconds"]`` has the call's wall time) and add their ``extra`` (stages run…);
+        ``metadata["peer_methods"]`` records each peer's recipe and the settings it ran.
     Raises:
         FileFormatError: unreadable benchmark, or its CT cannot be found (pass ``ct``).
         InputError: unknown method names (the message lists the known ones), bad levels, cases, physics or
@@ -294,10 +809,18 @@ def run_benchmark(
     names = [methods] if isinstance(methods, str) else list(methods)
     if not names:
         raise InputError("methods: expected at least one method name")
-    table = default_method_table() if method_table is None else method_table
+    table = dict(default_method_table() if method_table is None else method_table)
+    for name in names:
+        if name in PEER_METHODS and name not in table:
+            if peer_python is None:
+                raise InputError(
+                    f"method {name!r} runs a peer implementation: pass peer_python (--peer-python), the Python "
+                    f"of the peer environment (`{_SETUP_PEERS}` prints it)"
+                )
+            table[name] = peer_method(name, peer_python, **dict(peer_options or {}))
     unknown = [m for m in names if m not in table]
     if unknown:
-        known = ", ".join(sorted(table)) or "none"
+        known = ", ".join(sorted(set(table) | set(PEER_METHODS))) or "none"
         raise InputError(f"unknown method(s) {', '.join(map(repr, unknown))}; available: {known}")
     if len(set(names)) != len(names):
         raise InputError(f"methods: a method is named twice in {names}")
@@ -322,6 +845,10 @@ def run_benchmark(
 
     volume, ct_origin = load_benchmark_ct(bench, ct)
     renderer = VolumeRenderer(volume, physics).to(dev)  # type: ignore[arg-type]
+    ct_file = Path(ct_origin) if Path(ct_origin).is_file() else None  # None: the bundled CT
+    for name in names:
+        if hasattr(table[name], "bind_ct"):
+            table[name] = table[name].bind_ct(volume, ct_file)
     del volume
     intr = bench.intrinsics
     landmarks = bench.landmarks_world
@@ -337,6 +864,8 @@ def run_benchmark(
         target0 = first.image[None].to(device=dev, dtype=torch.float32)
         init0 = first.inits[level_ids[0], 0][None].to(device=dev, dtype=torch.float32)
         for name in names:
+            if getattr(table[name], "warmup", True) is False:
+                continue
             try:
                 table[name](renderer, target0, intr, init0, seed=seed)
             except XrayposeError:
@@ -391,6 +920,9 @@ def run_benchmark(
         "ct": ct_origin,
         "ct_data_sha256": bench.metadata.get("ct_data_sha256"),
         "methods": names,
+        "peer_methods": {
+            name: table[name].describe() for name in names if callable(getattr(table[name], "describe", None))
+        },
         "physics": physics,
         "seed": seed,
         "levels": [
@@ -444,7 +976,10 @@ def _run_one(
     except XrayposeError as exc:
         result, error = None, exc
     _sync(device)
-    seconds = time.perf_counter() - t0
+    seconds = wall = time.perf_counter() - t0
+    own = _as_float(getattr(result, "seconds", None)) if getattr(method, "own_timing", False) else None
+    if own is not None:
+        seconds = own
 
     if result is None:
         pose = torch.full((1, 4, 4), math.nan, dtype=torch.float64)
@@ -466,6 +1001,11 @@ def _run_one(
         method_seconds=_as_float(getattr(result, "seconds", None)),
         diverged=bool(diverged.any()) if isinstance(diverged, torch.Tensor) else diverged,
     )
+    if own is not None:
+        info["wall_seconds"] = wall
+    more = getattr(result, "extra", None)
+    if isinstance(more, Mapping):
+        info.update(more)
     if error is not None:
         info["error"] = str(error)
     iterations = getattr(result, "iterations", None)
@@ -591,6 +1131,21 @@ def _overall_summaries(results: Sequence[CaseResult]) -> list[Summary]:
     return out
 
 
+def _peer_line(name: str, info: Mapping[str, Any]) -> str:
+    """One line of the report describing what a peer method ran (its settings, so reduced budgets show)."""
+    st = info.get("settings") or {}
+    sizes = "→".join("full" if s is None else str(s) for s in st.get("sizes", []))
+    iters = "+".join(str(n) for n in st.get("iterations", []))
+    versions = ", ".join(f"{k} {v}" for k, v in (info.get("versions") or {}).items() if v)
+    return (
+        f"- peer `{name}`: {info.get('recipe', '?')} recipe on {st.get('renderer', '?')} "
+        f"({st.get('render_method', '?')}), detector rows {sizes}, Adam steps {iters}, lr {st.get('lr_rot', '?')} "
+        f"rad / {st.get('lr_xyz', '?')} mm, similarity {st.get('similarity', '?')}"
+        + (f"; {versions}" if versions else "")
+        + "; s/case is the peer's optimisation time (CT loading excluded)"
+    )
+
+
 def report_markdown(results: Sequence[CaseResult], metadata: Mapping[str, Any] | None = None) -> str:
     """The Markdown report of a run: run details, the initial errors per level, one row per method × level
     (median/mean mTRE, SR@1/2/5/10 mm, mPD, mRPE, rotation and translation errors with per-axis means, median
@@ -609,8 +1164,9 @@ def report_markdown(results: Sequence[CaseResult], metadata: Mapping[str, Any] |
             f"seed: {meta.get('seed', '?')}",
             f"- device: {machine.get('cuda_device') or machine.get('device', '?')}; CPU threads: "
             f"{machine.get('torch_threads', '?')}; xraypose {meta.get('xraypose_version', '?')}",
-            "",
         ]
+        lines += [_peer_line(name, info) for name, info in (meta.get("peer_methods") or {}).items()]
+        lines.append("")
     lines += ["## Initial error per level", "", "| level | runs | initial mTRE median (mm) | mean (mm) |"]
     lines.append("|---|---:|---:|---:|")
     first = next(iter(dict.fromkeys(r.method for r in results)))

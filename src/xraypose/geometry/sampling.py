@@ -9,6 +9,11 @@ matrices in the CT's RAS world (mm); angles in this module are in **degrees**, a
 - :func:`carm_angles_from_pose` — the inverse of :func:`~xraypose.geometry.carm_pose`'s rotation.
 - :func:`perturb_poses` — a rigid motion of exactly a given angle about an axis through the anatomy centre
   plus a translation of exactly a given length: initial poses for registration at controlled distances.
+- :func:`uniform_rotations` — Haar-uniform rotations (normalised Gaussian quaternions).
+- :func:`gaussian_se3_poses` — a Gaussian in the se(3) tangent space around a reference pose (the
+  DiffPose training distribution); rotation σ in **radians**, translation mean and σ in mm.
+- :func:`uniform_box_poses` — Euler angles (degrees) and a translation (mm) uniform in per-axis ranges,
+  optionally composed with a reference pose.
 """
 
 from __future__ import annotations
@@ -21,15 +26,19 @@ import torch
 
 from ..errors import InputError
 from .camera import _R_AP, carm_pose
-from .rotations import axis_angle_to_matrix, matrix_to_euler
+from .rotations import axis_angle_to_matrix, euler_to_matrix, matrix_to_euler, quaternion_to_matrix
+from .se3 import is_rigid, se3_exp
 
 __all__ = [
     "CArmPoseDistribution",
     "CArmSample",
     "carm_angles_from_pose",
+    "gaussian_se3_poses",
     "perturb_poses",
     "sample_carm",
     "sample_carm_poses",
+    "uniform_box_poses",
+    "uniform_rotations",
 ]
 
 
@@ -274,3 +283,261 @@ def perturb_poses(
     out = D @ poses.detach().reshape(n, 4, 4).to(device="cpu", dtype=torch.float64)
     out[:, 3] = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=torch.float64)
     return out.reshape(*batch, 4, 4).to(device=poses.device, dtype=poses.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# SE(3) sampling: Haar rotations, tangent-space Gaussians, uniform boxes
+# --------------------------------------------------------------------------------------------------
+
+_FRAMES = ("local", "world")
+
+
+def _check_positive_count(n: object, func: str) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise InputError(f"{func}: argument 'n' must be a positive integer (>= 1); got {n!r}")
+    return n
+
+
+def _check_generator(generator: object, func: str) -> None:
+    if generator is not None and (
+        not isinstance(generator, torch.Generator) or generator.device.type != "cpu"
+    ):
+        raise InputError(
+            f"{func}: argument 'generator' must be None or a CPU torch.Generator; got {generator!r}"
+        )
+
+
+def _check_frame(frame: object, func: str) -> str:
+    if frame not in _FRAMES:
+        raise InputError(f"{func}: argument 'frame' must be 'local' or 'world'; got {frame!r}")
+    return str(frame)
+
+
+def _per_axis(value: object, name: str, func: str, *, nonnegative: bool) -> torch.Tensor:
+    """A float or three values as a ``(3,)`` float64 tensor (finite, and ``>= 0`` if ``nonnegative``)."""
+    try:
+        t = torch.as_tensor(value, dtype=torch.float64).cpu()
+    except (TypeError, ValueError, RuntimeError):
+        t = None
+    if t is not None and t.ndim == 0:
+        t = t.expand(3).clone()
+    if (
+        t is None
+        or t.shape != (3,)
+        or not bool(torch.isfinite(t).all())
+        or (nonnegative and bool((t < 0).any()))
+    ):
+        what = "finite values >= 0" if nonnegative else "finite values"
+        raise InputError(f"{func}: argument '{name}' must be a number or three {what}; got {value!r}")
+    return t
+
+
+def _ranges(value: object, name: str, func: str) -> torch.Tensor:
+    """Per-axis ``(low, high)`` ranges as a ``(3, 2)`` float64 tensor.
+
+    Accepts a half-width ``h`` (every axis ``[-h, h]``), three half-widths, or a ``(3, 2)`` array of
+    ``(low, high)`` pairs; half-widths must be ``>= 0`` and ``low <= high``.
+    """
+    try:
+        t = torch.as_tensor(value, dtype=torch.float64).cpu()
+    except (TypeError, ValueError, RuntimeError):
+        t = None
+    if t is not None and t.ndim == 0:
+        t = t.expand(3)
+    if t is not None and t.shape == (3,) and bool((t >= 0).all()):
+        t = torch.stack([-t, t], dim=-1)
+    if (
+        t is None
+        or t.shape != (3, 2)
+        or not bool(torch.isfinite(t).all())
+        or not bool((t[:, 0] <= t[:, 1]).all())
+    ):
+        raise InputError(
+            f"{func}: argument '{name}' must be a half-width h >= 0, three half-widths >= 0, or three "
+            f"finite (low, high) pairs with low <= high; got {value!r}"
+        )
+    return t
+
+
+def _reference(reference: object, func: str, n: int) -> torch.Tensor:
+    """Check a rigid ``(4, 4)``, ``(1, 4, 4)`` or ``(n, 4, 4)`` reference pose; return it as float64 on the CPU."""
+    if not isinstance(reference, torch.Tensor) or not reference.is_floating_point():
+        got = type(reference).__name__ if not isinstance(reference, torch.Tensor) else str(reference.dtype)
+        raise InputError(
+            f"{func}: argument 'reference' must be a floating-point tensor of shape (4, 4) or (n, 4, 4); "
+            f"got {got}"
+        )
+    if reference.shape not in ((4, 4), (1, 4, 4), (n, 4, 4)):
+        raise InputError(
+            f"{func}: argument 'reference' must have shape (4, 4), (1, 4, 4) or (n, 4, 4) = ({n}, 4, 4); "
+            f"got {tuple(reference.shape)}"
+        )
+    ref = reference.detach().to(device="cpu", dtype=torch.float64)
+    if not bool(is_rigid(ref, atol=1e-4).all()):
+        raise InputError(
+            f"{func}: argument 'reference' must be a rigid camera-to-world pose (finite, orthonormal rotation "
+            "with det +1, last row [0, 0, 0, 1])"
+        )
+    return ref
+
+
+def uniform_rotations(
+    n: int, *, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """Draw ``n`` rotation matrices from the Haar (uniform) measure on SO(3).
+
+    A quaternion ``(w, x, y, z)`` with i.i.d. standard normal entries, normalised, is uniform on the unit
+    3-sphere, and the map from unit quaternions to rotations pushes that forward to the Haar measure. The
+    rotation angle ``θ`` then has density ``(1 − cos θ)/π`` on ``[0, π]`` (not uniform: small angles are
+    rare), and the rotation axis is uniform on the sphere.
+
+    Args:
+        n: number of rotations (≥ 1).
+        generator: a CPU ``torch.Generator`` for reproducibility (default: torch's global generator). The
+            draw is made in float64 whatever ``dtype``, so a seed gives the same rotations in every dtype.
+        dtype: floating dtype of the output.
+    Returns:
+        ``(n, 3, 3)`` rotation matrices (CPU) acting on column vectors.
+    """
+    func = "uniform_rotations"
+    n = _check_positive_count(n, func)
+    _check_generator(generator, func)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise InputError(f"{func}: argument 'dtype' must be a floating torch.dtype; got {dtype!r}")
+    q = torch.randn(n, 4, generator=generator, dtype=torch.float64, device="cpu")
+    # A zero Gaussian 4-vector has probability 0; replace it anyway so that every output is a rotation.
+    q = torch.where(q.norm(dim=-1, keepdim=True) > 1e-12, q, q.new_tensor([1.0, 0.0, 0.0, 0.0]))
+    return quaternion_to_matrix(q).to(dtype)
+
+
+def gaussian_se3_poses(
+    reference: torch.Tensor,
+    n: int,
+    rotation_sigma: float | tuple[float, float, float] | torch.Tensor,
+    translation_sigma: float | tuple[float, float, float] | torch.Tensor,
+    *,
+    translation_mean: float | tuple[float, float, float] | torch.Tensor = 0.0,
+    frame: str = "local",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Draw ``n`` poses from a Gaussian in the se(3) tangent space around a reference pose.
+
+    A twist ``ξ = (v, ω)`` (``docs/conventions.md``: translation part ``v`` in mm first, rotation part ``ω``
+    in rad second) is drawn with independent components
+
+    - ``v_i ~ N(translation_mean_i, translation_sigma_i²)`` (mm),
+    - ``ω_i ~ N(0, rotation_sigma_i²)`` (rad),
+
+    and mapped through :func:`~xraypose.geometry.se3.se3_exp`:
+
+    - ``frame="local"``: ``pose = reference · exp(ξ)`` — the axes of ``ξ`` are the **camera** axes of the
+      reference (rotation about the X-ray source, translation along x_cam, y_cam, z_cam);
+    - ``frame="world"``: ``pose = exp(ξ) · reference`` — the axes are the **world** (RAS) axes, rotation
+      about the world origin.
+
+    Hence ``se3_log(reference⁻¹ · pose)`` (local) or ``se3_log(pose · reference⁻¹)`` (world) is ``ξ`` itself
+    as long as ``|ω| < π``. Note that ``v`` is a log-coordinate: the translation of ``exp(ξ)`` is ``V(ω) v``,
+    which equals ``v`` only for ``ω = 0``. DiffPose (Gopalakrishnan et al., CVPR 2024) trains on this
+    distribution with ``rotation_sigma = (0.2, 0.1, 0.25)`` rad, ``translation_mean = (10, 250, 5)`` mm and
+    ``translation_sigma = (70, 90, 50)`` mm (log-coordinates in the same ``(v, ω)`` order; which pose it composes
+    the offset with, and on which side, is DiffPose's choice and not reproduced here).
+
+    Args:
+        reference: ``(4, 4)`` (or ``(1, 4, 4)``) camera-to-world pose (world RAS mm), or ``(n, 4, 4)``: one
+            reference per sample. Must be rigid.
+        n: number of poses (≥ 1).
+        rotation_sigma: standard deviation of ``ω``, radians: one value for all three axes or three values
+            ``(σ_x, σ_y, σ_z)``; ``≥ 0``.
+        translation_sigma: standard deviation of ``v``, mm: one value or three; ``≥ 0``.
+        translation_mean: mean of ``v``, mm: one value or three (default 0). The rotation mean is 0.
+        frame: ``"local"`` (right-multiply, camera axes) or ``"world"`` (left-multiply, world axes).
+        generator: a CPU ``torch.Generator`` for reproducibility. One ``(n, 6)`` standard normal draw is
+            made, so a seed gives the same ``ξ`` in both frames.
+    Returns:
+        ``(n, 4, 4)`` poses with ``reference``'s dtype and device (computed in float64).
+    """
+    func = "gaussian_se3_poses"
+    n = _check_positive_count(n, func)
+    ref = _reference(reference, func, n)
+    rot_sigma = _per_axis(rotation_sigma, "rotation_sigma", func, nonnegative=True)
+    trans_sigma = _per_axis(translation_sigma, "translation_sigma", func, nonnegative=True)
+    trans_mean = _per_axis(translation_mean, "translation_mean", func, nonnegative=False)
+    frame = _check_frame(frame, func)
+    _check_generator(generator, func)
+    z = torch.randn(n, 6, generator=generator, dtype=torch.float64, device="cpu")
+    mean = torch.cat([trans_mean, torch.zeros(3, dtype=torch.float64)])
+    sigma = torch.cat([trans_sigma, rot_sigma])
+    delta = se3_exp(mean + sigma * z)
+    out = ref @ delta if frame == "local" else delta @ ref
+    out[:, 3] = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=torch.float64)
+    return out.to(device=reference.device, dtype=reference.dtype)
+
+
+def uniform_box_poses(
+    n: int,
+    rotation_range_deg: float | Any,
+    translation_range_mm: float | Any,
+    *,
+    reference: torch.Tensor | None = None,
+    frame: str = "local",
+    convention: str = "ZYX",
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """Draw ``n`` poses with Euler angles and a translation uniform in per-axis ranges.
+
+    Each sample is ``B = [[R, t], [0, 1]]`` where ``R = euler_to_matrix(a, convention)`` with the three
+    Euler angles ``a`` (degrees) drawn independently and uniformly in ``rotation_range_deg``, and the
+    translation ``t`` (mm) uniform in the box ``translation_range_mm``. With the default intrinsic ``"ZYX"``
+    convention ``R = R_Z(a0) · R_Y(a1) · R_X(a2)`` (yaw, pitch, roll; SciPy naming, ``docs/conventions.md``)
+    and the ranges are given in the order ``(z, y, x)`` of the convention string. Note that uniform Euler
+    angles are **not** uniform rotations (use :func:`uniform_rotations` for that).
+
+    Without ``reference`` the samples are ``B`` themselves (e.g. small motions, or poses in a box). With a
+    reference pose ``T``:
+
+    - ``frame="local"``: ``pose = T · B`` — rotation about the X-ray source, ``t`` along the camera axes;
+    - ``frame="world"``: ``pose = B · T`` — rotation about the world origin, ``t`` along world RAS axes.
+
+    Ranges are a half-width ``h`` (each axis ``[-h, h]``), three half-widths, or three ``(low, high)``
+    pairs (a ``(3, 2)`` array). The angles are recovered by ``matrix_to_euler(R, convention)`` when they lie
+    inside its principal ranges (middle Tait–Bryan angle within ±90°, the others within ±180°).
+
+    Args:
+        n: number of poses (≥ 1).
+        rotation_range_deg: Euler-angle ranges, degrees, in the order of ``convention``.
+        translation_range_mm: translation ranges along x, y, z, mm.
+        reference: optional ``(4, 4)``, ``(1, 4, 4)`` or ``(n, 4, 4)`` rigid camera-to-world pose.
+        frame: ``"local"`` or ``"world"`` (only used with ``reference``).
+        convention: Euler sequence of :func:`~xraypose.geometry.rotations.euler_to_matrix` (default
+            intrinsic ``"ZYX"``).
+        generator: a CPU ``torch.Generator`` for reproducibility. Angles are drawn first (``(n, 3)``), then
+            translations (``(n, 3)``), in float64.
+        dtype: output dtype without ``reference``; with one, the output has ``reference``'s dtype and device.
+    Returns:
+        ``(n, 4, 4)`` poses (CPU float64 by default).
+    """
+    func = "uniform_box_poses"
+    n = _check_positive_count(n, func)
+    rot_range = _ranges(rotation_range_deg, "rotation_range_deg", func)
+    trans_range = _ranges(translation_range_mm, "translation_range_mm", func)
+    ref = _reference(reference, func, n) if reference is not None else None
+    frame = _check_frame(frame, func)
+    _check_generator(generator, func)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise InputError(f"{func}: argument 'dtype' must be a floating torch.dtype; got {dtype!r}")
+    euler_to_matrix(torch.zeros(3, dtype=torch.float64), convention)  # checks 'convention'
+    u_rot = torch.rand(n, 3, generator=generator, dtype=torch.float64, device="cpu")
+    u_trans = torch.rand(n, 3, generator=generator, dtype=torch.float64, device="cpu")
+    angles = rot_range[:, 0] + (rot_range[:, 1] - rot_range[:, 0]) * u_rot
+    t = trans_range[:, 0] + (trans_range[:, 1] - trans_range[:, 0]) * u_trans
+    B = torch.zeros(n, 4, 4, dtype=torch.float64)
+    B[:, :3, :3] = euler_to_matrix(torch.deg2rad(angles), convention)
+    B[:, :3, 3] = t
+    B[:, 3, 3] = 1.0
+    if ref is None:
+        return B.to(dtype)
+    out = ref @ B if frame == "local" else B @ ref
+    out[:, 3] = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=torch.float64)
+    assert reference is not None
+    return out.to(device=reference.device, dtype=reference.dtype)

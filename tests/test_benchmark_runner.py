@@ -15,9 +15,8 @@ import h5py
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner, Result
 
-from xraypose.cli import app
+from cli_helpers import assert_user_error, invoke
 from xraypose.datasets import make_synthetic_benchmark, mobile_carm_intrinsics, read_synthetic_benchmark
 from xraypose.errors import FileFormatError, InputError
 from xraypose.io import Volume, load_default_ct, write_volume
@@ -277,19 +276,6 @@ def test_plot_functions_directly(run, tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def invoke(*args: object) -> Result:
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def assert_user_error(result: Result, *needles: str) -> None:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [ln for ln in result.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-
-
 @pytest.fixture
 def cli_methods(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(runner, "default_method_table", lambda: TABLE)

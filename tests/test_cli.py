@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner, Result
 
+from cli_helpers import assert_user_error, invoke
 from xraypose.cli import _fit_detector, app
 from xraypose.geometry import Camera, Intrinsics, carm_pose
 from xraypose.io import Volume, hu_to_mu, read_volume, write_volume
@@ -48,10 +49,6 @@ def ct(tmp_path_factory: pytest.TempPathFactory) -> Path:
     volume = Volume(torch.from_numpy(hu), torch.from_numpy(_affine()), labels=torch.from_numpy(labels))
     write_volume(volume, folder / "ct.nii.gz", labels_path=folder / "labels.nii.gz")
     return folder / "ct.nii.gz"
-
-
-def invoke(*args: object) -> Result:
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def ok(result: Result) -> None:
@@ -253,17 +250,6 @@ def test_render_selected_labels(ct: Path, tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- errors
-def assert_user_error(result: Result, *needles: str) -> None:
-    """Exit status 2, one ``error:`` line naming the problem, nothing else, no traceback."""
-    assert result.exit_code == 2, result.output
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.output
-    lines = [ln for ln in result.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-
-
 def _write_2d(d: Path) -> Path:
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((8, 9), np.float32)), str(d / "slice.nii.gz"))
     return d / "slice.nii.gz"
@@ -392,10 +378,8 @@ def test_console_script_help() -> None:
 
 
 def test_version_option_prints_the_package_version():
-    from typer.testing import CliRunner
 
     import xraypose
-    from xraypose.cli import app
 
     result = CliRunner().invoke(app, ["--version"])
     assert result.exit_code == 0

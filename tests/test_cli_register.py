@@ -9,24 +9,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner, Result
 
-from xraypose.cli import app
+from cli_helpers import assert_user_error, invoke
 from xraypose.geometry import Camera, Intrinsics, carm_pose
 from xraypose.geometry.sampling import perturb_poses
 from xraypose.io import load_default_ct, write_volume
 from xraypose.metrics import mtre
 from xraypose.registration import VolumeRenderer
-
-
-def invoke(*args: object) -> Result:
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def one_line_error(result: Result, needle: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.output
 
 
 @pytest.fixture(scope="module")
@@ -75,14 +64,14 @@ def test_register_bad_input(case, tmp_path: Path):
     folder, ct, *_ = case
     args = ["--ct", ct, "--camera", folder / "camera.json", "--init", folder / "init.json"]
     np.save(tmp_path / "small.npy", np.zeros((10, 12), np.float32))
-    one_line_error(
+    assert_user_error(
         invoke("register", *args, "--xray", tmp_path / "small.npy", "--out", tmp_path / "r.json"), "pixels"
     )
     (tmp_path / "r.json").write_text("{}")
-    one_line_error(
+    assert_user_error(
         invoke("register", *args, "--xray", folder / "xray.npy", "--out", tmp_path / "r.json"), "--force"
     )
-    one_line_error(
+    assert_user_error(
         invoke(
             "register",
             *args,
@@ -95,7 +84,7 @@ def test_register_bad_input(case, tmp_path: Path):
         ),
         "xyz",
     )
-    one_line_error(
+    assert_user_error(
         invoke(
             "register",
             *args,

@@ -24,9 +24,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner, Result
 
-from xraypose.cli import app
+from cli_helpers import assert_user_error, invoke
 from xraypose.errors import InputError, XrayposeError
 from xraypose.geometry import Camera, Intrinsics, carm_pose
 from xraypose.geometry.diffdrr import (
@@ -420,19 +419,6 @@ def test_runner_resolves_peer_names(bench_path: Path, tmp_path: Path) -> None:
         run_benchmark(bench_path, ["peer-xvr"], method_table={}, device="cpu", peer_python=tmp_path / "py")
     with pytest.raises(InputError, match="peer-xvr"):
         run_benchmark(bench_path, ["nope"], method_table={}, device="cpu")
-
-
-def invoke(*args: object) -> Result:
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def assert_user_error(result: Result, *needles: str) -> None:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [ln for ln in result.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
 
 
 @pytest.mark.parametrize(

@@ -10,10 +10,9 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner, Result
 
+from cli_helpers import assert_user_error, invoke
 from xraypose._atomic import new_file_mode
-from xraypose.cli import app
 from xraypose.datasets import (
     DEFAULT_LEVELS,
     FORMAT_NAME,
@@ -331,19 +330,6 @@ def _resource(name: str) -> Path:
     path = Path(str(files("xraypose") / "data" / name))  # the package is installed from its source folder
     assert path.is_file(), path
     return path
-
-
-def invoke(*args: object) -> Result:
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def assert_user_error(result: Result, *needles: str) -> None:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [ln for ln in result.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
 
 
 def test_cli_make_benchmark(tmp_path: Path) -> None:

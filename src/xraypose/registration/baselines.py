@@ -526,28 +526,22 @@ def register_euler_gd(
     return _stack_results(results, time.perf_counter() - start)
 
 
-def _diffpose_method(
-    renderer: Renderer,
-    target: torch.Tensor,
-    intrinsics: Intrinsics,
-    init_pose: torch.Tensor,
-    *,
-    seed: int = 0,
-) -> RegistrationResult:
-    """``register`` with its default config (search at 32 px, then 64 → 128 px, se(3) about the CT's centre)."""
-    return register(renderer, target, intrinsics, init_pose, RegistrationConfig(seed=seed))
+def _preset_method(name: str) -> MethodFn:
+    """A method running :func:`register` with the preset ``name`` (``"default"``: search at 32 px, then
+    64 → 128 px; ``"fine"``: and a final full-detector 256 px level)."""
 
+    def method(
+        renderer: Renderer,
+        target: torch.Tensor,
+        intrinsics: Intrinsics,
+        init_pose: torch.Tensor,
+        *,
+        seed: int = 0,
+    ) -> RegistrationResult:
+        return register(renderer, target, intrinsics, init_pose, preset(name, seed=seed))
 
-def _diffpose_fine_method(
-    renderer: Renderer,
-    target: torch.Tensor,
-    intrinsics: Intrinsics,
-    init_pose: torch.Tensor,
-    *,
-    seed: int = 0,
-) -> RegistrationResult:
-    """``register`` with the ``"fine"`` preset (the default schedule and a final full-detector 256 px level)."""
-    return register(renderer, target, intrinsics, init_pose, preset("fine", seed=seed))
+    method.__doc__ = f"``register`` with the {name!r} preset."
+    return method
 
 
 def _cmaes_method(
@@ -576,8 +570,8 @@ def _euler_gd_method(
 
 #: The registered methods, by name (see the module docstring), for the benchmark runner.
 METHODS: dict[str, MethodFn] = {
-    "diffpose": _diffpose_method,
-    "diffpose-fine": _diffpose_fine_method,
+    "diffpose": _preset_method("default"),
+    "diffpose-fine": _preset_method("fine"),
     "cmaes": _cmaes_method,
     "euler-gd": _euler_gd_method,
 }

@@ -48,6 +48,7 @@ from ..physics.detector import (
     collimator_mask,
     simulate_detector,
 )
+from ._config import dataclass_from_dict
 
 __all__ = ["AugmentConfig", "augment"]
 
@@ -111,11 +112,8 @@ class AugmentConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AugmentConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InputError(f"AugmentConfig.from_dict: unknown keys {unknown}")
-        return cls(**dict(data))
+        """Inverse of :meth:`to_dict`; unknown keys raise :class:`InputError`, missing ones take defaults."""
+        return dataclass_from_dict(cls, data)
 
 
 def _gaussian_kernels(sigma: torch.Tensor, radius: int) -> torch.Tensor:

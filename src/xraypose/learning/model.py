@@ -52,6 +52,7 @@ from torch import nn
 from xraypose.errors import FileFormatError, InputError
 from xraypose.geometry.rotations import rotation_6d_to_matrix
 from xraypose.geometry.se3 import make_transform
+from xraypose.learning._config import dataclass_from_dict
 
 __all__ = [
     "PoseNormalizer",
@@ -159,15 +160,7 @@ class PoseRegressorConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PoseRegressorConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise :class:`InputError`, missing ones take defaults."""
-        if not isinstance(data, Mapping):
-            raise InputError(f"PoseRegressorConfig.from_dict: expected a mapping; got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InputError(
-                f"PoseRegressorConfig.from_dict: unknown keys {unknown}; expected a subset of {sorted(known)}"
-            )
-        return cls(**dict(data))
+        return dataclass_from_dict(cls, data)
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,7 @@ from ..geometry.rotations import geodesic_distance
 from ..geometry.se3 import double_geodesic_distance, make_transform
 from ..io.volume import Volume
 from ..losses import translation_error_mm
+from ._config import dataclass_from_dict
 from .augment import AugmentConfig, augment
 from .data import (
     PoseDataStream,
@@ -217,15 +218,8 @@ class TrainingConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainingConfig:
-        if not isinstance(data, Mapping):
-            raise InputError(f"TrainingConfig.from_dict: expected a mapping; got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InputError(
-                f"TrainingConfig.from_dict: unknown keys {unknown}; expected a subset of {sorted(known)}"
-            )
-        return cls(**dict(data))
+        """Inverse of :meth:`to_dict`; unknown keys raise :class:`InputError`, missing ones take defaults."""
+        return dataclass_from_dict(cls, data)
 
     def stage_at(self, step: int) -> tuple[int, float, float]:
         """``(stage index, pose scale, augmentation strength factor)`` of ``step`` (0-based)."""

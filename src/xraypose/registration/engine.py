@@ -364,7 +364,9 @@ def register(
     best = found.loss.view(B, K).nan_to_num(math.inf).argmin(1)
     arange = torch.arange(B, device=best.device)
     chosen = found.pose.view(B, K, 4, 4)[arange, best]
-    result = _descend(renderer, target, intrinsics, chosen, config, loss_fn, pivot, callback, start)
+    result = _descend(
+        renderer, target, intrinsics, chosen, config, loss_fn, pivot, callback, start, initial_pose=init_pose
+    )
     # the search's steps (of the start that was chosen) come first in the trajectory and the pose history
     best_cpu = best.cpu()
     arange_cpu = torch.arange(B)
@@ -372,19 +374,13 @@ def register(
         replace(s, level=-1, loss=s.loss.view(B, K)[arange_cpu, best_cpu]) for s in found.trajectory
     ]
     search_poses = found.poses.view(-1, B, K, 4, 4)[:, arange_cpu, best_cpu]
-    final = config.scales[-1]
-    final_intr = intrinsics.resized(final.size, max(4, round(final.size * intrinsics.cols / intrinsics.rows)))
-    with torch.no_grad():
-        initial = loss_fn(
-            renderer(Camera(final_intr, init_pose)), _downsample(target, final_intr.rows, final_intr.cols)
-        ).to(init_pose.dtype)
     diverged = result.diverged
     if diverged is not None and found.diverged is not None:
         diverged = diverged | found.diverged.view(B, K).any(1)
     return RegistrationResult(
         pose=result.pose,
         loss=result.loss,
-        initial_loss=initial,
+        initial_loss=result.initial_loss,
         poses=torch.cat([search_poses, result.poses]),
         trajectory=search_steps + result.trajectory,
         stop_reason=result.stop_reason,
@@ -451,8 +447,10 @@ def _descend(
     pivot_world: torch.Tensor | None,
     callback: Callable[[Step, torch.Tensor], None] | None,
     start: float,
+    initial_pose: torch.Tensor | None = None,
 ) -> RegistrationResult:
-    """The coarse-to-fine schedule of ``config.scales`` from ``init_pose`` (checked inputs)."""
+    """The coarse-to-fine schedule of ``config.scales`` from ``init_pose`` (checked inputs); the result's
+    ``initial_loss`` scores ``initial_pose`` (default ``init_pose``) at the finest level."""
     B = init_pose.shape[0]
     dtype, device = init_pose.dtype, init_pose.device
     to_pivot, from_pivot = _pivot_frames(init_pose, intrinsics, pivot_world)
@@ -574,11 +572,8 @@ def _descend(
     with torch.no_grad():
         pose = pose_of().detach()
         loss = full_loss(final_intr, final_tgt)
-        motion.rotation.zero_()
-        motion.translation.zero_()
-        if config.parameterization == "quaternion":
-            motion.rotation[:, 0] = 1.0
-        initial = full_loss(final_intr, final_tgt)
+        scored = init_pose if initial_pose is None else initial_pose
+        initial = loss_fn(renderer(Camera(final_intr, scored)), final_tgt).to(dtype)
     return RegistrationResult(
         pose=pose,
         loss=loss,

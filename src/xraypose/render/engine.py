@@ -108,6 +108,16 @@ def _kernel_layout(vol: torch.Tensor, perm: tuple[int, ...], pad: bool) -> np.nd
     return _LAYOUTS.get(vol, ("layout", perm, pad), make)
 
 
+def _kernel_occupancy(
+    vol: torch.Tensor, vperm: tuple[int, ...], vol_np: np.ndarray
+) -> tuple[np.ndarray, int] | None:
+    """Empty-space blocks of the padded kernel layout ``vol_np`` (cached with it); ``None`` (no skipping) for
+    volumes being optimised, whose zeros change every step."""
+    if vol.requires_grad:
+        return None
+    return _LAYOUTS.get(vol, ("occupancy", vperm), lambda: _trilinear.occupancy(vol_np))
+
+
 def _marching_perm(extent: np.ndarray) -> list[int]:
     """Spatial-axis order putting the dominant marching axis (largest of ``extent``, per axis) last, so that
     rays stream through contiguous memory."""
@@ -115,25 +125,28 @@ def _marching_perm(extent: np.ndarray) -> list[int]:
     return [a for a in (0, 1, 2) if a != axis] + [axis]
 
 
-def _kernel_forward(method: str, vol_np, src, dirv, t0, t1, nsamp, tf=None) -> np.ndarray:
-    """Run the method's forward kernel → ``(R, C)`` t-integrals (``tf``: transfer-table arrays, trilinear)."""
+def _kernel_forward(method: str, vol_np, src, dirv, t0, t1, nsamp, tf=None, occ=None) -> np.ndarray:
+    """Run the method's forward kernel → ``(R, C)`` t-integrals (``tf``: transfer-table arrays, trilinear;
+    ``occ``: empty-space blocks of a plain trilinear volume)."""
     channels = vol_np.shape[0] if tf is None else tf[3]
     out = np.empty((src.shape[0], channels), dtype=vol_np.dtype)
     if method == "trilinear":
-        _trilinear.trilinear_forward(vol_np, src, dirv, t0, t1, nsamp, out, tf)
+        _trilinear.trilinear_forward(vol_np, src, dirv, t0, t1, nsamp, out, tf, occ)
     else:
         _siddon.siddon_forward(vol_np, src, dirv, t0, t1, out)
     return out
 
 
-def _kernel_ray_grads(method: str, vol_np, src, dirv, t0, t1, nsamp, go, tf=None) -> tuple[np.ndarray, ...]:
+def _kernel_ray_grads(
+    method: str, vol_np, src, dirv, t0, t1, nsamp, go, tf=None, occ=None
+) -> tuple[np.ndarray, ...]:
     """Gradients of ``Σ go · out`` w.r.t. ``src, dirv, t0, t1`` from the method's backward kernel."""
     gs = np.empty_like(src)
     gd = np.empty_like(dirv)
     g0 = np.empty_like(t0)
     g1 = np.empty_like(t1)
     if method == "trilinear":
-        _trilinear.trilinear_backward(vol_np, src, dirv, t0, t1, nsamp, go, gs, gd, g0, g1, tf)
+        _trilinear.trilinear_backward(vol_np, src, dirv, t0, t1, nsamp, go, gs, gd, g0, g1, tf, occ)
     else:
         _siddon.siddon_backward(vol_np, src, dirv, t0, t1, go, gs, gd, g0, g1)
     return gs, gd, g0, g1
@@ -163,7 +176,9 @@ class _FusedIntegral(torch.autograd.Function):
         t1_np = t1.detach().to(dtype).contiguous().numpy()
         n_np = nsamp.to(torch.int32).contiguous().numpy() if method == "trilinear" else None
         tf = transfer.kernel_spec(dtype) if transfer is not None else None
-        out = _kernel_forward(method, vol_np, src_np, dir_np, t0_np, t1_np, n_np, tf)
+        occ = _kernel_occupancy(vol, vperm, vol_np) if method == "trilinear" and tf is None else None
+        out = _kernel_forward(method, vol_np, src_np, dir_np, t0_np, t1_np, n_np, tf, occ)
+        ctx.occ = occ
         ctx.tf = tf
         ctx.method = method
         ctx.perm = perm
@@ -183,7 +198,7 @@ class _FusedIntegral(torch.autograd.Function):
         g_vol = g_src = g_dir = g_t0 = g_t1 = None
         if need_src or need_dir or need_t0 or need_t1:
             gs, gd, g0, g1 = _kernel_ray_grads(
-                ctx.method, vol_np, src_np, dir_np, t0_np, t1_np, n_np, go, ctx.tf
+                ctx.method, vol_np, src_np, dir_np, t0_np, t1_np, n_np, go, ctx.tf, ctx.occ
             )
             g_src = torch.from_numpy(gs[:, inv]).to(ctx.dtypes[0]) if need_src else None
             g_dir = torch.from_numpy(gd[:, inv]).to(ctx.dtypes[1]) if need_dir else None
@@ -217,7 +232,9 @@ class _FusedCameraIntegral(torch.autograd.Function):
         )
         src, dirv, t0, t1, _, _, ray_mm, nsamp = rays
         vol_np = _kernel_layout(vol, vperm, pad=method == "trilinear")
-        out = _kernel_forward(method, vol_np, src, dirv, t0, t1, nsamp, tf)
+        occ = _kernel_occupancy(vol, vperm, vol_np) if method == "trilinear" and tf is None else None
+        out = _kernel_forward(method, vol_np, src, dirv, t0, t1, nsamp, tf, occ)
+        ctx.occ = occ
         ctx.tf = tf
         ctx.method = method
         ctx.perm = perm
@@ -242,7 +259,9 @@ class _FusedCameraIntegral(torch.autograd.Function):
         need_vol, need_M = ctx.needs_input_grad[1:3]
         g_vol = g_M = None
         if need_M:
-            gs, gd, g0, g1 = _kernel_ray_grads(ctx.method, vol_np, src, dirv, t0, t1, nsamp, go, ctx.tf)
+            gs, gd, g0, g1 = _kernel_ray_grads(
+                ctx.method, vol_np, src, dirv, t0, t1, nsamp, go, ctx.tf, ctx.occ
+            )
             g_len = np.ascontiguousarray((g * ctx.out).sum(1))
             _camera_rays.fold_ray_gradients(ctx.rays, ctx.A, gs, gd, g0, g1, g_len)
             B, N = grad_line.shape[0], grad_line.shape[1]

@@ -19,6 +19,7 @@ Siddon's piecewise-constant model.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numba
@@ -27,6 +28,7 @@ import torch
 
 __all__ = [
     "fold_padding",
+    "occupancy",
     "pad_volume",
     "trilinear_backward",
     "trilinear_backward_volume",
@@ -85,8 +87,74 @@ def _interp_grad(flat, o, si, sj, fx, fy, fz):  # pragma: no cover - compiled
     return value, gx, gy, gz
 
 
+@numba.njit(inline="always", fastmath=True, cache=True)
+def _next_block(sx, sy, sz, dx, dy, dz, ix, iy, iz, a, h, k, n, occ, shift):  # pragma: no cover - compiled
+    """The occupancy block holding sample ``k`` of a ray (padded index space): whether it is occupied, and
+    the index of the first sample at or beyond the ray's exit from it (at least ``k + 1``, at most ``n``).
+
+    ``ix, iy, iz`` are ``1/d`` per axis (0 where ``d`` is 0: that axis never bounds the block). The exit index
+    is rounded down by a hundredth of a step, so a sample is never skipped across a block boundary by
+    rounding; a sample left in the block is simply looked at again.
+    """
+    t = a + (k + 0.5) * h
+    bi = int(sx + t * dx) >> shift
+    bj = int(sy + t * dy) >> shift
+    bk = int(sz + t * dz) >> shift
+    te = np.inf
+    if ix != 0.0:
+        face = (bi + (1 if ix > 0.0 else 0)) << shift
+        te = min(te, (face - sx) * ix)
+    if iy != 0.0:
+        face = (bj + (1 if iy > 0.0 else 0)) << shift
+        te = min(te, (face - sy) * iy)
+    if iz != 0.0:
+        face = (bk + (1 if iz > 0.0 else 0)) << shift
+        te = min(te, (face - sz) * iz)
+    u = (te - a) / h - 0.51
+    kend = n if u >= n else max(k + 1, math.ceil(u))
+    return occ[bi, bj, bk] != 0, kend
+
+
+@numba.njit(inline="always", fastmath=True, cache=True)
+def _inverse(d):  # pragma: no cover - compiled
+    return 1.0 / d if d != 0.0 else 0.0
+
+
+@numba.njit(inline="always", fastmath=True, cache=True)
+def _occupied_span(sx, sy, sz, dx, dy, dz, a, h, n, occ, shift):  # pragma: no cover - compiled
+    """Samples ``[k0, k1)`` of a ray between its first and last sample in an occupied block.
+
+    The ray is walked block by block from its start, then from its end (as the mirrored ray
+    ``s + (a + b)·d − t·d``, whose sample ``n − 1 − k`` is sample ``k``), so only the empty blocks at both ends
+    are visited. The samples in between stay one contiguous loop, which the compiler vectorises.
+    """
+    ix = _inverse(dx)
+    iy = _inverse(dy)
+    iz = _inverse(dz)
+    k0 = 0
+    while k0 < n:
+        busy, kend = _next_block(sx, sy, sz, dx, dy, dz, ix, iy, iz, a, h, k0, n, occ, shift)
+        if busy:
+            break
+        k0 = kend
+    if k0 >= n:
+        return n, n
+    ab = 2.0 * a + n * h
+    rx = sx + ab * dx
+    ry = sy + ab * dy
+    rz = sz + ab * dz
+    m = n - k0  # the first occupied sample bounds the backward walk
+    j = 0
+    while j < m:
+        busy, kend = _next_block(rx, ry, rz, -dx, -dy, -dz, -ix, -iy, -iz, a, h, j, m, occ, shift)
+        if busy:
+            break
+        j = kend
+    return k0, n - j
+
+
 @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def _forward(volp, src, dirv, t0, t1, nsamp, out):  # pragma: no cover - compiled
+def _forward(volp, occ, shift, src, dirv, t0, t1, nsamp, out):  # pragma: no cover - compiled
     # volp is the volume padded by one replicated voxel on every side, so a sample anywhere in the box
     # [-1/2, n-1/2] has all 8 neighbours in memory: no clamping or branch in the inner loop.
     C, Ip, Jp, Kp = volp.shape
@@ -111,15 +179,16 @@ def _forward(volp, src, dirv, t0, t1, nsamp, out):  # pragma: no cover - compile
         dx = dirv[r, 0]
         dy = dirv[r, 1]
         dz = dirv[r, 2]
+        k0, k1 = _occupied_span(sx, sy, sz, dx, dy, dz, a, h, n, occ, shift)
         if C == 1:  # scalar accumulator: the common case, kept free of the channel loop
             acc = 0.0
-            for k in range(n):
+            for k in range(k0, k1):
                 base, fx, fy, fz = _cell(sx, sy, sz, dx, dy, dz, a + (k + 0.5) * h, si, sj)
                 acc += _interp(flat, base, si, sj, fx, fy, fz)
             out[r, 0] = acc * h
         else:
             accs = np.zeros(C, dtype=np.float64)
-            for k in range(n):
+            for k in range(k0, k1):
                 base, fx, fy, fz = _cell(sx, sy, sz, dx, dy, dz, a + (k + 0.5) * h, si, sj)
                 for c in range(C):
                     accs[c] += _interp(flat, base + c * sc, si, sj, fx, fy, fz)
@@ -128,7 +197,7 @@ def _forward(volp, src, dirv, t0, t1, nsamp, out):  # pragma: no cover - compile
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def _backward(volp, src, dirv, t0, t1, nsamp, grad_out, g_src, g_dirv, g_t0, g_t1):  # pragma: no cover
+def _backward(volp, occ, shift, src, dirv, t0, t1, nsamp, grad_out, g_src, g_dirv, g_t0, g_t1):  # pragma: no cover
     C, Ip, Jp, Kp = volp.shape
     sj = Kp
     si = Jp * Kp
@@ -163,7 +232,8 @@ def _backward(volp, src, dirv, t0, t1, nsamp, grad_out, g_src, g_dirv, g_t0, g_t
         sw = 0.0  # Σ_k Σ_c w_c f_ck
         inv_n = 1.0 / n
         w0 = grad_out[r, 0]
-        for k in range(n):
+        k0, k1 = _occupied_span(sx, sy, sz, dx, dy, dz, a, h, n, occ, shift)
+        for k in range(k0, k1):  # leading and trailing empty samples add exactly zero to every sum
             ck = (k + 0.5) * inv_n
             t = a + ck * (b - a)
             base, fx, fy, fz = _cell(sx, sy, sz, dx, dy, dz, t, si, sj)
@@ -496,6 +566,42 @@ def _backward_volume_tf(
                     _scatter8(flat, o, si, sj, fx, fy, fz, slope * inv_dx * h)
 
 
+#: Occupancy blocks are ``2**BLOCK_SHIFT`` padded voxels on a side (4: tight around the anatomy, cheap to walk).
+BLOCK_SHIFT = 2
+#: Above this fraction of occupied blocks, skipping saves less than walking the blocks costs: one block is used.
+MAX_OCCUPIED_FRACTION = 0.95
+_NO_SKIP = (np.ones((1, 1, 1), dtype=np.uint8), 30)
+
+
+def _block_any(a: np.ndarray, axis: int, size: int) -> np.ndarray:
+    """``out[b] = any(a[b·size : b·size + size + 1])`` along ``axis`` (windows overlap by one plane)."""
+    n = a.shape[axis]
+    nb = -(-n // size)
+    a = np.moveaxis(a, axis, 0)
+    padded = np.zeros((nb * size + 1, *a.shape[1:]), dtype=bool)
+    padded[:n] = a
+    core = padded[: nb * size].reshape(nb, size, *a.shape[1:]).any(1)
+    return np.moveaxis(core | padded[size::size], 0, axis)
+
+
+def occupancy(volp: np.ndarray, shift: int = BLOCK_SHIFT) -> tuple[np.ndarray, int]:
+    """Empty-space map of a padded ``(C, I+2, J+2, K+2)`` volume for the pose kernels: ``(occ, shift)``.
+
+    ``occ[bi, bj, bk]`` is 0 when every voxel a trilinear sample in block ``(bi, bj, bk)`` can read is zero in
+    every channel (cells with lower corner in ``[b·2^shift, (b+1)·2^shift)`` per axis, i.e. voxels up to
+    ``(b+1)·2^shift`` inclusive), so skipping that block's samples changes neither the integral nor its pose
+    gradient. Volumes that are almost everywhere occupied get a single block (no skipping, no overhead).
+    The volume gradient kernels never skip: zero voxels have non-zero gradients.
+    """
+    size = 1 << shift
+    occ = (volp != 0).any(0)
+    for axis in range(3):
+        occ = _block_any(occ, axis, size)
+    if occ.mean() > MAX_OCCUPIED_FRACTION:
+        return _NO_SKIP
+    return np.ascontiguousarray(occ, dtype=np.uint8), shift
+
+
 def pad_volume(vol: np.ndarray) -> np.ndarray:
     """Pad the spatial axes of ``(C, I, J, K)`` by one replicated voxel on each side (the kernels' layout)."""
     return np.pad(vol, ((0, 0), (1, 1), (1, 1), (1, 1)), mode="edge")
@@ -519,6 +625,7 @@ def trilinear_forward(
     nsamp: np.ndarray,
     out: np.ndarray,
     transfer: tuple[int, np.ndarray, np.ndarray, int] | None = None,
+    occupied: tuple[np.ndarray, int] | None = None,
 ) -> None:
     """Fill ``out`` (R, C) with the midpoint-rule integrals of each ray (see the module docstring).
 
@@ -526,9 +633,11 @@ def trilinear_forward(
     ``transfer`` spec ``(kind, table, params, C)`` (see ``kernel_spec`` of the classes in
     :mod:`xraypose.render.transfer`), ``volp`` is one scalar channel and each sample is mapped to ``C``
     channels before accumulating: kind 0 reads a packed table, kind 1 evaluates a threshold transfer.
+    ``occupied`` (from :func:`occupancy`, plain volumes only) lets the kernel skip empty blocks exactly.
     """
     if transfer is None:
-        _forward(volp, src, dirv, t0, t1, nsamp, out)
+        occ, shift = occupied if occupied is not None else _NO_SKIP
+        _forward(volp, occ, shift, src, dirv, t0, t1, nsamp, out)
     elif transfer[0] == 0:
         _forward_tf(volp, transfer[1], transfer[2][0], transfer[2][1], src, dirv, t0, t1, nsamp, out)
     else:
@@ -550,6 +659,7 @@ def trilinear_backward(
     g_t0: np.ndarray,
     g_t1: np.ndarray,
     transfer: tuple[int, np.ndarray, np.ndarray, int] | None = None,
+    occupied: tuple[np.ndarray, int] | None = None,
 ) -> None:
     """Gradient of ``Σ grad_out · out`` w.r.t. ``src``, ``dirv``, ``t0`` and ``t1`` (written in place).
 
@@ -558,7 +668,8 @@ def trilinear_backward(
     ``∂/∂t0 = −S/n + L (G − H)·d`` and ``∂/∂t1 = S/n + L H·d`` where ``S = Σ_k f(p_k)``.
     """
     if transfer is None:
-        _backward(volp, src, dirv, t0, t1, nsamp, grad_out, g_src, g_dirv, g_t0, g_t1)
+        occ, shift = occupied if occupied is not None else _NO_SKIP
+        _backward(volp, occ, shift, src, dirv, t0, t1, nsamp, grad_out, g_src, g_dirv, g_t0, g_t1)
     elif transfer[0] == 0:
         lut, (x0, inv_dx) = transfer[1], transfer[2]
         _backward_tf(volp, lut, x0, inv_dx, src, dirv, t0, t1, nsamp, grad_out, g_src, g_dirv, g_t0, g_t1)

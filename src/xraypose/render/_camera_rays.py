@@ -41,8 +41,61 @@ def _slab(s, d, lo, hi, axis, enter, leave, a_in, a_out, empty):  # pragma: no c
     return enter, leave, a_in, a_out, empty
 
 
+@numba.njit(inline="always", cache=True, nogil=True)
+def _walk_empty(s, d, t, limit, sign, occ, shift):  # pragma: no cover - compiled
+    """Walk the ray ``s + t·d`` through the occupancy blocks of cells, from ``t`` towards ``limit`` (forward for
+    ``sign = 1``, backward for ``-1``), while the blocks are empty.
+
+    Block ``b`` holds the cells ``[b·2^shift, (b+1)·2^shift)`` of an axis (index coordinates
+    ``[b·2^shift − ½, (b+1)·2^shift − ½)``). Returns the parameter of the face where the first occupied block
+    is entered and the axis of that face (``-1``: ``t`` itself, already occupied), or ``limit`` and ``-2``
+    when every block up to it is empty. A 3D DDA on the block grid: the block index is stepped, never
+    recomputed, so rounding at a face can only cost a zero-length visit.
+    """
+    nb = occ.shape
+    probe = t + sign * 1e-6 * abs(limit - t)
+    b = np.empty(3, np.int64)
+    tn = np.empty(3, np.float64)
+    dtn = np.empty(3, np.float64)
+    stp = np.empty(3, np.int64)
+    for a in range(3):
+        c = math.floor(s[a] + probe * d[a] + 0.5) >> shift
+        b[a] = min(max(c, 0), nb[a] - 1)
+        e = sign * d[a]
+        if e == 0.0:
+            tn[a] = np.inf
+            dtn[a] = np.inf
+            stp[a] = 0
+        else:
+            stp[a] = 1 if e > 0.0 else -1
+            face = ((b[a] + (1 if e > 0.0 else 0)) << shift) - 0.5
+            tn[a] = sign * (face - s[a]) / d[a]  # u = sign·t grows along the walk
+            dtn[a] = (1 << shift) / abs(d[a])
+    u = sign * t
+    ulim = sign * limit
+    axis = -1
+    while True:
+        if occ[b[0], b[1], b[2]] != 0:
+            return sign * u, axis
+        a = 0
+        if tn[1] < tn[a]:
+            a = 1
+        if tn[2] < tn[a]:
+            a = 2
+        if tn[a] >= ulim:
+            return limit, -2
+        u = tn[a]
+        axis = a
+        b[a] += stp[a]
+        if b[a] < 0 or b[a] >= nb[a]:
+            return limit, -2
+        tn[a] += dtn[a]
+
+
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _setup(M, pix, lo, hi, A, step, fixed_n, src, dirv, t0, t1, ax0, ax1, ray_mm, nsamp):  # pragma: no cover
+def _setup(
+    M, pix, lo, hi, A, step, fixed_n, occ, shift, src, dirv, t0, t1, ax0, ax1, ray_mm, nsamp
+):  # pragma: no cover
     B = M.shape[0]
     N = pix.shape[1]
     shared = pix.shape[0] == 1
@@ -84,6 +137,20 @@ def _setup(M, pix, lo, hi, A, step, fixed_n, src, dirv, t0, t1, ax0, ax1, ray_mm
         e2 = A[2, 0] * d0 + A[2, 1] * d1 + A[2, 2] * d2
         length = math.sqrt(e0 * e0 + e1 * e1 + e2 * e2)
         ray_mm[r] = length
+        if shift < 30 and not empty and leave > enter:  # clip to the occupied blocks (exact: cells are zero)
+            sv = src[r]
+            dv = dirv[r]
+            e2, a2 = _walk_empty(sv, dv, enter, leave, 1.0, occ, shift)
+            if a2 == -2:
+                empty = True
+            else:
+                if a2 >= 0:
+                    enter = e2
+                    a_in = a2
+                l2, a3 = _walk_empty(sv, dv, leave, enter, -1.0, occ, shift)
+                if a3 >= 0:
+                    leave = l2
+                    a_out = a3
         if empty or leave <= enter:
             t0[r] = 0.0 if empty else enter
             t1[r] = t0[r]
@@ -123,6 +190,9 @@ def _fold(src, dirv, t0, t1, ax0, ax1, ray_mm, A2, g_src, g_dirv, g_t0, g_t1, g_
                 )
 
 
+_NO_CELLS = (np.ones((1, 1, 1), dtype=np.uint8), 30)
+
+
 def setup_rays(
     M: np.ndarray,
     pix: np.ndarray,
@@ -131,12 +201,15 @@ def setup_rays(
     A: np.ndarray,
     step: float,
     fixed_n: int,
+    cells: tuple[np.ndarray, int] | None = None,
 ) -> tuple[np.ndarray, ...]:
     """Build the rays of ``M`` (B, 3, 4) and pixels ``pix`` (1 or B, N, 3), clipped to the box ``[lo, hi]``.
 
     ``A`` (3, 3) maps index-space directions to mm (the affine's linear part, in the same axis order as ``M``'s
     rows). Returns ``src, dirv (R, 3), t0, t1 (R,), ax0, ax1 (R,) int8, ray_mm (R,), nsamp (R,) int32`` with
-    ``R = B·N``; ``nsamp`` is ``fixed_n`` when positive, else ``ceil(chord_mm / step)``.
+    ``R = B·N``; ``nsamp`` is ``fixed_n`` when positive, else ``ceil(chord_mm / step)``. ``cells``, an
+    occupancy map of cell blocks (:func:`xraypose.render.siddon.cell_occupancy`), further clips each ray to
+    the faces of its first and last occupied block (exact for piecewise-constant cells: the rest is zero).
     """
     B, N = M.shape[0], pix.shape[1]
     R = B * N
@@ -149,7 +222,8 @@ def setup_rays(
     ax1 = np.empty(R, np.int8)
     ray_mm = np.empty(R, dtype)
     nsamp = np.empty(R, np.int32)
-    _setup(M, pix, lo, hi, A, float(step), int(fixed_n), src, dirv, t0, t1, ax0, ax1, ray_mm, nsamp)
+    occ, shift = cells if cells is not None else _NO_CELLS
+    _setup(M, pix, lo, hi, A, float(step), int(fixed_n), occ, shift, src, dirv, t0, t1, ax0, ax1, ray_mm, nsamp)
     return src, dirv, t0, t1, ax0, ax1, ray_mm, nsamp
 
 

@@ -221,6 +221,10 @@ class _FusedCameraIntegral(torch.autograd.Function):
         # dominant marching axis from the mean ray direction of each view
         perm = _marching_perm(np.abs(M_np[:, :, :3] @ pix.mean(axis=(0, 1))).sum(0))
         vperm = (0, *(p + 1 for p in perm))
+        vol_np = _kernel_layout(vol, vperm, pad=method == "trilinear")
+        cells = None
+        if method == "siddon" and not vol.requires_grad:  # trilinear skips inside its kernels instead
+            cells = _LAYOUTS.get(vol, ("cells", vperm), lambda: _siddon.cell_occupancy(vol_np))
         rays = _camera_rays.setup_rays(
             np.ascontiguousarray(M_np[:, perm, :]),
             pix,
@@ -229,9 +233,9 @@ class _FusedCameraIntegral(torch.autograd.Function):
             np.ascontiguousarray(A[:, perm]),
             step,
             fixed_n,
+            cells,
         )
         src, dirv, t0, t1, _, _, ray_mm, nsamp = rays
-        vol_np = _kernel_layout(vol, vperm, pad=method == "trilinear")
         occ = _kernel_occupancy(vol, vperm, vol_np) if method == "trilinear" and tf is None else None
         out = _kernel_forward(method, vol_np, src, dirv, t0, t1, nsamp, tf, occ)
         ctx.occ = occ

@@ -38,6 +38,7 @@ import torch
 from xraypose.errors import InputError
 
 __all__ = [
+    "cell_occupancy",
     "siddon_backward",
     "siddon_backward_volume",
     "siddon_forward",
@@ -493,6 +494,20 @@ def _same_dtype(arrays: dict[str, np.ndarray]) -> None:
 def _check_rc(x: np.ndarray, name: str, R: int, C: int) -> None:
     if x.shape != (R, C):
         raise InputError(f"{name} must have shape ({R}, {C}) (rays, channels), got {x.shape}")
+
+
+def cell_occupancy(vol: np.ndarray, shift: int = 2) -> tuple[np.ndarray, int] | None:
+    """Blocks of ``2^shift`` cells per axis holding a non-zero cell (any channel) of ``(C, I, J, K)``, for
+    clipping rays to them (:func:`xraypose.render._camera_rays.setup_rays`); ``None`` when more than 95 % of
+    the blocks are occupied (nothing worth clipping)."""
+    from .trilinear import MAX_OCCUPIED_FRACTION, block_any
+
+    occ = (vol != 0).any(0)
+    for axis in range(3):
+        occ = block_any(occ, axis, 1 << shift, overlap=False)
+    if occ.mean() > MAX_OCCUPIED_FRACTION:
+        return None
+    return np.ascontiguousarray(occ, dtype=np.uint8), shift
 
 
 def siddon_forward(vol: Array, src: Array, dirv: Array, t0: Array, t1: Array, out: Array) -> None:

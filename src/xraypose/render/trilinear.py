@@ -573,15 +573,15 @@ MAX_OCCUPIED_FRACTION = 0.95
 _NO_SKIP = (np.ones((1, 1, 1), dtype=np.uint8), 30)
 
 
-def _block_any(a: np.ndarray, axis: int, size: int) -> np.ndarray:
-    """``out[b] = any(a[b·size : b·size + size + 1])`` along ``axis`` (windows overlap by one plane)."""
+def block_any(a: np.ndarray, axis: int, size: int, overlap: bool) -> np.ndarray:
+    """``out[b] = any(a[b·size : b·size + size])`` along ``axis``, plus the next plane when ``overlap``."""
     n = a.shape[axis]
     nb = -(-n // size)
     a = np.moveaxis(a, axis, 0)
     padded = np.zeros((nb * size + 1, *a.shape[1:]), dtype=bool)
     padded[:n] = a
     core = padded[: nb * size].reshape(nb, size, *a.shape[1:]).any(1)
-    return np.moveaxis(core | padded[size::size], 0, axis)
+    return np.moveaxis(core | padded[size::size] if overlap else core, 0, axis)
 
 
 def occupancy(volp: np.ndarray, shift: int = BLOCK_SHIFT) -> tuple[np.ndarray, int]:
@@ -596,7 +596,7 @@ def occupancy(volp: np.ndarray, shift: int = BLOCK_SHIFT) -> tuple[np.ndarray, i
     size = 1 << shift
     occ = (volp != 0).any(0)
     for axis in range(3):
-        occ = _block_any(occ, axis, size)
+        occ = block_any(occ, axis, size, overlap=True)
     if occ.mean() > MAX_OCCUPIED_FRACTION:
         return _NO_SKIP
     return np.ascontiguousarray(occ, dtype=np.uint8), shift

@@ -348,7 +348,7 @@ def test_cli_pretrain_and_finetune(cts, intr, tmp_path):
     write_volume(c, tmp_path / "c.nii.gz")
     intr.save(tmp_path / "camera.json")
     common = ("--camera", tmp_path / "camera.json", "--no-progress", "--device", "cpu", "--batch-size", 2)
-    small = ("--image-size", SIZE, "--norm", "group")
+    small = ("--image-size", SIZE, "--norm", "group", "--attention")
     pre = tmp_path / "pre"
     result = invoke(
         "train", "--ct-dir", folder, "--ct-weights", "1,3", "--steps", 1, *small, *common, "--out", pre
@@ -359,11 +359,14 @@ def test_cli_pretrain_and_finetune(cts, intr, tmp_path):
     assert [x["probability"] for x in card["cts"]] == [0.25, 0.75] and card["steps_done"] == 1
     ft = tmp_path / "ft"
     result = invoke(
-        "train", "--ct", tmp_path / "c.nii.gz", "--init-model", pre, "--steps", 1, *common, "--out", ft
-    )
+        "train", "--ct", tmp_path / "c.nii.gz", "--init-model", pre, "--steps", 1, "--no-incremental", *common,
+        "--out", ft,
+    )  # fmt: skip
     assert result.exit_code == 0, result.output
     card = json.loads((ft / "model_card.json").read_text())
     assert card["kind"] == "finetuned" and card["model_config"]["image_size"] == SIZE
+    assert card["model_config"]["attention"] is True  # the pretrained architecture, options included
+    assert card["training_config"]["stages"] == [[1.0, 1.0, 1.0]]
     assert card["pretrained_from"]["path"] == str(pre)
     ct_c = ("--ct", tmp_path / "c.nii.gz")
     assert_user_error(
@@ -372,6 +375,10 @@ def test_cli_pretrain_and_finetune(cts, intr, tmp_path):
         ),
         "--backbone resnet34",
         "resnet18",
+    )
+    assert_user_error(
+        invoke("train", *ct_c, "--init-model", pre, "--no-attention", *common, "--out", tmp_path / "v"),
+        "attention",
     )
     assert_user_error(invoke("train", *common, "--out", tmp_path / "y"), "--ct")
     assert_user_error(

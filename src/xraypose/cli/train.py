@@ -113,6 +113,29 @@ def train_command(
     norm: Annotated[
         str | None, typer.Option(help="'batch' or 'group' normalisation in the backbone [default: batch].")
     ] = None,
+    attention: Annotated[
+        bool | None,
+        typer.Option(
+            "--attention/--no-attention",
+            help="Self-attention block with 2D positional embedding on the feature map [default: off].",
+            show_default=False,
+        ),
+    ] = None,
+    autoencoder: Annotated[
+        bool | None,
+        typer.Option(
+            "--autoencoder/--no-autoencoder",
+            help="Regularised autoencoder branch (decoder reconstructs the input) [default: off].",
+            show_default=False,
+        ),
+    ] = None,
+    incremental: Annotated[
+        bool,
+        typer.Option(
+            "--incremental/--no-incremental",
+            help="Incremental stages (pose range and augmentation widen); off: one stage at full range.",
+        ),
+    ] = True,
     crop_probability: Annotated[
         float, typer.Option(help="Probability of rendering a random sub-box of the CT.")
     ] = 0.0,
@@ -168,11 +191,14 @@ def train_command(
             warmup_steps=min(100, max(0, steps // 10)),
             crop_probability=crop_probability,
             crop_min_mm=crop_min_mm,
+            **({} if incremental else {"stages": ((1.0, 1.0, 1.0),)}),
             max_seconds=0.0 if minutes is None else 60.0 * minutes,
         )
         model_config = PoseRegressorConfig(
             backbone=_resolve("backbone", backbone, pre.backbone if pre else None, "resnet18"),  # type: ignore[arg-type]
             norm=_resolve("norm", norm, pre.norm if pre else None, "batch"),  # type: ignore[arg-type]
+            attention=_resolve("attention", attention, pre.attention if pre else None, False),  # type: ignore[arg-type]
+            autoencoder=_resolve("autoencoder", autoencoder, pre.autoencoder if pre else None, False),  # type: ignore[arg-type]
             image_size=size,  # type: ignore[arg-type]
             **(
                 {}
@@ -181,9 +207,7 @@ def train_command(
                     k: getattr(pre, k)
                     for k in (
                         "in_chans",
-                        "attention",
                         "attention_heads",
-                        "autoencoder",
                         "autoencoder_weight",
                         "autoencoder_latent_weight",
                         "head_hidden",

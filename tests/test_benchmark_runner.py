@@ -353,3 +353,97 @@ def test_identity_pose_is_untouched(bench_path: Path) -> None:
     assert seen["init"].dtype == torch.float32 and seen["init"].shape == (1, 4, 4)
     assert torch.equal(seen["init"][0].cpu(), bench.init_poses[1, 1, 0].float())
     assert torch.equal(seen["target"].cpu(), bench.images[1:2])
+
+
+# ---------------------------------------------------------------------------------------------- --init model
+@pytest.fixture(scope="module")
+def tiny_model(bench_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A pose regressor trained for two steps on the benchmark's CT and detector (poor poses: the test is of
+    the pipeline)."""
+    from xraypose.learning import PoseRegressorConfig, TrainingConfig, train
+
+    out = tmp_path_factory.mktemp("model")
+    config = TrainingConfig(
+        steps=2, batch_size=2, image_size=32, warmup_steps=1, device="cpu", tensorboard=False, seed=1
+    )
+    model_config = PoseRegressorConfig(norm="group", head_hidden=32, image_size=32)
+    intr = read_synthetic_benchmark(bench_path).intrinsics
+    train(load_default_ct(with_labels=False), intr, out, config, model_config, progress=False)
+    return out
+
+
+def test_init_model_starts_every_case_from_the_network(
+    bench_path: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    from xraypose.learning import predict_initial_pose
+    from xraypose.metrics import pose_errors
+
+    results = run_benchmark(
+        bench_path, ["identity", "fast"], method_table=TABLE, init="model", model=tiny_model, device="cpu"
+    )
+    bench = read_synthetic_benchmark(bench_path)
+    assert [(r.case, r.level, r.method) for r in results] == [
+        (f"{c:04d}", "network", m) for c in range(2) for m in ("identity", "fast")
+    ]
+    volume = load_default_ct(with_labels=False)
+    for r in results:
+        ci = r.extra["case_index"]
+        net = predict_initial_pose(tiny_model, bench.images[ci], bench.intrinsics, volume)
+        torch.testing.assert_close(
+            torch.tensor(r.extra["initial_pose"], dtype=torch.float64), net.pose[0].float().double()
+        )
+        want = pose_errors(
+            net.pose.float().double(), bench.poses[ci][None], bench.landmarks_world, bench.intrinsics
+        )
+        assert r.initial_mtre_mm == pytest.approx(float(want.mtre_mm[0]), rel=1e-6)
+        assert r.extra["initial_rot_deg"] == pytest.approx(float(want.rot_deg[0]), rel=1e-6)
+        assert r.extra["initial_trans_mm"] == pytest.approx(float(want.trans_mm[0]), rel=1e-6)
+        assert r.extra["init"] == "model" and r.extra["network_seconds"] > 0
+        if r.method == "identity":  # unmoved: its errors are the network's
+            assert (r.mtre_mm, r.rot_deg, r.trans_mm) == (
+                r.initial_mtre_mm,
+                pytest.approx(r.extra["initial_rot_deg"]),
+                pytest.approx(r.extra["initial_trans_mm"]),
+            )
+    meta = results.metadata
+    assert meta["init"] == "model" and meta["model"]["path"] == str(tiny_model) and meta["runs"] == 4
+    assert [lv["label"] for lv in meta["levels"]] == ["network"]
+
+    paths = write_results(results, tmp_path / "res")
+    text = paths["summary.md"].read_text(encoding="utf-8")
+    assert "## Network initial pose" in text
+    (row,) = [ln for ln in text.splitlines() if ln.startswith("| network (initial pose) |")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    initial = [r.initial_mtre_mm for r in results if r.method == "identity"]
+    assert cells[1:4] == ["network", "2", f"{sum(initial) / 2:.2f}"]  # the median of two is their mean
+    assert read_results(paths["cases.csv"]) == list(results)
+
+    with pytest.raises(InputError, match="model"):
+        run_benchmark(bench_path, ["identity"], method_table=TABLE, init="model")
+    with pytest.raises(InputError, match="levels"):
+        run_benchmark(
+            bench_path, ["identity"], method_table=TABLE, init="model", model=tiny_model, levels=[0]
+        )
+    with pytest.raises(InputError, match="init"):
+        run_benchmark(bench_path, ["identity"], method_table=TABLE, model=tiny_model)
+
+
+def test_benchmark_mode_is_unchanged_by_the_model_mode(run, written: Path) -> None:
+    assert run[0].metadata["init"] == "benchmark" and "model" not in run[0].metadata
+    assert all("init" not in r.extra and "initial_rot_deg" not in r.extra for r in run[0])
+    assert "Network initial pose" not in (written / "summary.md").read_text(encoding="utf-8")
+
+
+def test_cli_benchmark_init_model(bench_path: Path, tiny_model: Path, tmp_path: Path, cli_methods) -> None:
+    out = tmp_path / "res"
+    args = ("benchmark", "--bench", bench_path, "--method", "identity", "--out", out)
+    result = invoke(*args, "--init", "model", "--model", tiny_model, "--max-cases", 1)
+    assert result.exit_code == 0, result.output
+    assert "| network (initial pose) |" in result.output and "| identity | network |" in result.output
+    (r,) = read_results(out / "cases.csv")
+    assert r.level == "network" and r.mtre_mm == r.initial_mtre_mm and r.extra["init"] == "model"
+    assert_user_error(invoke(*args, "--init", "model", "--force"), "--init model", "--model")
+    assert_user_error(invoke(*args, "--model", tiny_model, "--force"), "--model", "--init model")
+    assert_user_error(
+        invoke(*args, "--init", "model", "--model", tiny_model, "--levels", "0", "--force"), "--levels"
+    )

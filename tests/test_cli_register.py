@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -97,3 +98,90 @@ def test_register_bad_input(case, tmp_path: Path):
         ),
         "preset",
     )
+
+
+# ---------------------------------------------------------------------------------------------- --model
+@pytest.fixture(scope="module")
+def tiny_model(case, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A pose regressor trained for two steps on the case's CT and camera (its poses are poor: the test is of
+    the pipeline, not of the accuracy)."""
+    from xraypose.learning import PoseRegressorConfig, TrainingConfig, train
+
+    folder, *_ = case
+    out = tmp_path_factory.mktemp("model")
+    config = TrainingConfig(
+        steps=2, batch_size=2, image_size=32, warmup_steps=1, device="cpu", tensorboard=False, seed=1
+    )
+    model_config = PoseRegressorConfig(norm="group", head_hidden=32, image_size=32)
+    train(load_default_ct(with_labels=False), Intrinsics.load(folder / "camera.json"), out, config, model_config,
+          progress=False)  # fmt: skip
+    return out
+
+
+def test_register_from_the_network_pose(case, tiny_model: Path):
+    from xraypose.geometry.se3 import se3_exp
+    from xraypose.learning import predict_initial_pose
+
+    folder, ct, *_ = case
+    out = folder / "result-model.json"
+    result = invoke(
+        "register", "--ct", ct, "--xray", folder / "xray.npy", "--camera", folder / "camera.json",
+        "--model", tiny_model, "--out", out,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "network initial pose in" in result.output
+    record = json.loads(out.read_text())
+    init = record["initial_pose"]
+    assert (
+        init["source"] == "model"
+        and init["model"] == str(tiny_model)
+        and init["model_kind"] == "patient-specific"
+    )
+    assert 0 < record["network_seconds"] == init["seconds"] < 60
+    # the initial pose is the library's prediction for this X-ray, CT and camera
+    want = predict_initial_pose(
+        tiny_model, np.load(folder / "xray.npy"), Intrinsics.load(folder / "camera.json"), load_default_ct()
+    )
+    pose0 = torch.tensor(init["pose_camera_to_world"], dtype=torch.float64)
+    torch.testing.assert_close(pose0, want.pose[0], rtol=0, atol=1e-9)
+    # …and the refinement started from it: pose = pose0 · exp(correction)
+    log = record["correction_se3_log"]
+    xi = torch.tensor(log["v_mm"] + log["omega_rad"], dtype=torch.float64)
+    pose = torch.tensor(record["pose_camera_to_world"], dtype=torch.float64)
+    torch.testing.assert_close(pose0.float().double() @ se3_exp(xi), pose, atol=1e-3, rtol=1e-4)
+    assert record["iterations"] > 0 and math.isfinite(record["loss"])
+
+
+def test_register_init_and_model_misuse(case, tiny_model: Path, tmp_path: Path):
+    folder, ct, *_ = case
+    args = ["--ct", ct, "--xray", folder / "xray.npy", "--camera", folder / "camera.json"]
+    both = invoke(
+        "register", *args, "--init", folder / "init.json", "--model", tiny_model, "--out", tmp_path / "a.json"
+    )
+    assert_user_error(both, "--init", "--model", "exactly one")
+    assert_user_error(
+        invoke("register", *args, "--out", tmp_path / "b.json"), "--init", "--model", "exactly one"
+    )
+    assert_user_error(
+        invoke(
+            "register",
+            *args,
+            "--init",
+            folder / "init.json",
+            "--allow-new-patient",
+            "--out",
+            tmp_path / "c.json",
+        ),
+        "--allow-new-patient",
+    )
+    other = tmp_path / "other.nii.gz"
+    volume = load_default_ct(with_labels=False)
+    write_volume(type(volume)(volume.data + 1.0, volume.affine), other)
+    wrong_ct = ["--ct", other, *args[2:]]
+    assert_user_error(
+        invoke("register", *wrong_ct, "--model", tiny_model, "--out", tmp_path / "d.json"), "CT voxels"
+    )
+    assert_user_error(
+        invoke("register", *args, "--model", tmp_path / "nowhere", "--out", tmp_path / "e.json"), "nowhere"
+    )
+    assert not any((tmp_path / n).exists() for n in ("a.json", "b.json", "c.json", "d.json", "e.json"))

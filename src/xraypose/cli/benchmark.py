@@ -30,6 +30,11 @@ class BenchPhysics(str, Enum):
     poly = "poly"
 
 
+class InitSource(str, Enum):
+    benchmark = "benchmark"
+    model = "model"
+
+
 class PeerRenderMethod(str, Enum):
     siddon = "siddon"
     trilinear = "trilinear"
@@ -138,6 +143,24 @@ def benchmark_command(
     peer_timeout: Annotated[
         float, typer.Option("--peer-timeout", help="Seconds one peer run may take before it is stopped.")
     ] = 7200.0,
+    init: Annotated[
+        InitSource,
+        typer.Option(
+            "--init",
+            help="Initial poses: 'benchmark' (the file's perturbed poses per level) or 'model' (one per case, "
+            "predicted from the case's X-ray by --model).",
+        ),
+    ] = InitSource.benchmark,
+    model: Annotated[
+        Path | None, typer.Option("--model", help="Trained model folder (xraypose train) for --init model.")
+    ] = None,
+    allow_new_patient: Annotated[
+        bool,
+        typer.Option(
+            "--allow-new-patient",
+            help="With --init model: run a patient-agnostic model on a CT it was not trained on.",
+        ),
+    ] = False,
 ) -> None:
     """Run registration methods on every case, level and initial pose of a benchmark; write tables and plots."""
     from ..registration import benchmark as runner
@@ -148,6 +171,14 @@ def benchmark_command(
         if not bench.is_file():
             raise FileFormatError(f"--bench {bench}: benchmark file not found")
         runner.check_outputs(out, force)
+        if init is InitSource.model and model is None:
+            raise InputError("--init model: give the trained network with --model MODEL_DIR")
+        if init is InitSource.benchmark and model is not None:
+            raise InputError("--model: only with --init model (the network then predicts the initial poses)")
+        if init is InitSource.benchmark and allow_new_patient:
+            raise InputError("--allow-new-patient: only with --init model")
+        if init is InitSource.model and levels is not None:
+            raise InputError("--levels: not with --init model (one network initial pose per case)")
         level_ids = _parse_levels(levels)
         if max_cases is not None and max_cases < 1:
             raise InputError(f"--max-cases: expected a positive integer, got {max_cases}")
@@ -213,6 +244,9 @@ def benchmark_command(
                 progress=progress,
                 method_table=table,
                 device=device,
+                init=init.value,
+                model=model,
+                allow_new_patient=allow_new_patient,
             )
         paths = runner.write_results(results, out, force=force)
         report = paths["summary.md"].read_text(encoding="utf-8")

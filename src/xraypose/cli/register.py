@@ -1,5 +1,6 @@
-"""``xraypose register``: find the C-arm pose of one X-ray from an initial pose (a thin layer over
-:func:`xraypose.registration.register`)."""
+"""``xraypose register``: find the C-arm pose of one X-ray from an initial pose, given (``--init``) or predicted
+by a trained network (``--model``, :func:`xraypose.learning.predict_initial_pose`), then refined (a thin layer
+over :func:`xraypose.registration.register`)."""
 
 from __future__ import annotations
 
@@ -29,14 +30,13 @@ class Polarity(str, Enum):
 
 
 def _prepare_xray(image: np.ndarray, polarity: Polarity) -> torch.Tensor:
-    """X-ray values → the DRR's domain (bright = attenuating)."""
-    x = torch.as_tensor(image, dtype=torch.float32)
-    if not bool(torch.isfinite(x).all()):
-        raise InputError("--xray: the image holds NaN or inf values")
-    if polarity is Polarity.intensity:  # raw detector values: larger = more photons; take −log
-        lo = float(x[x > 0].min()) if bool((x > 0).any()) else 1.0
-        x = -torch.log(x.clamp_min(lo) / float(x.max()))
-    return x
+    """X-ray values → the DRR's domain (bright = attenuating), as the network and the registration take them."""
+    from ..io.images import to_line_integrals
+
+    try:
+        return to_line_integrals(image, polarity.value)
+    except InputError as exc:
+        raise InputError(f"--xray: {exc}") from None
 
 
 def _euler_zyx_deg(R: torch.Tensor) -> list[float]:
@@ -54,11 +54,28 @@ def register_command(
     camera: Annotated[
         Path, typer.Option("--camera", help="Detector intrinsics JSON (as written by Intrinsics.save).")
     ],
-    init: Annotated[
-        Path,
-        typer.Option("--init", help="Initial camera-to-world 4×4 pose (.json/.npy/.txt), CT RAS world, mm."),
-    ],
     out: Annotated[Path, typer.Option("--out", help="Result JSON.")],
+    init: Annotated[
+        Path | None,
+        typer.Option(
+            "--init",
+            help="Initial camera-to-world 4×4 pose (.json/.npy/.txt), CT RAS world, mm (or give --model).",
+        ),
+    ] = None,
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            "--model",
+            help="Trained model folder (xraypose train): the network predicts the initial pose (or give --init).",
+        ),
+    ] = None,
+    allow_new_patient: Annotated[
+        bool,
+        typer.Option(
+            "--allow-new-patient",
+            help="With --model: use a patient-agnostic (pretrained) model on a CT it was not trained on.",
+        ),
+    ] = False,
     overlay: Annotated[
         Path | None, typer.Option(help="PNG: DRR edges on the X-ray before and after.")
     ] = None,
@@ -83,7 +100,8 @@ def register_command(
     ] = "default",
     force: Annotated[bool, typer.Option(help="Overwrite outputs if they exist.")] = False,
 ) -> None:
-    """Register an X-ray to a CT: optimise the C-arm pose from --init and write it with the final similarity."""
+    """Register an X-ray to a CT: optimise the C-arm pose from --init (or from the pose a trained --model predicts)
+    and write it with the final similarity."""
     from ..geometry import Camera, Intrinsics
     from ..geometry.se3 import invert, se3_log
     from ..io import read_volume
@@ -92,6 +110,13 @@ def register_command(
     from ..registration import preset as registration_preset
 
     try:
+        if (init is None) == (model is None):
+            raise InputError(
+                "--init and --model are mutually exclusive: give exactly one (--init POSE.json, or --model "
+                "MODEL_DIR to let a trained network predict the initial pose)"
+            )
+        if allow_new_patient and model is None:
+            raise InputError("--allow-new-patient: only with --model")
         _check_out(out, force, (".json",))
         if overlay is not None:
             _check_out(overlay, force, (".png",))
@@ -105,7 +130,29 @@ def register_command(
                 f"--xray {xray}: image is {tuple(target.shape)} pixels but the camera {camera} has "
                 f"{(intr.rows, intr.cols)} (rows, cols)"
             )
-        pose0 = _load_pose(init)
+        network: dict[str, object] | None = None
+        if model is not None:
+            import warnings
+
+            from ..learning import NetworkInitializer
+
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                initializer = NetworkInitializer(model, volume, intr, allow_new_patient=allow_new_patient)
+            predicted = initializer(target)  # the X-ray already in the DRRs' polarity
+            for w in caught:
+                console.print(f"[yellow]warning:[/] {w.message}", highlight=False, soft_wrap=True)
+            pose0 = predicted.pose.float()
+            network = {
+                "source": "model",
+                "model": str(model),
+                "pose_camera_to_world": predicted.pose[0].tolist(),
+                "seconds": predicted.seconds,
+                "model_kind": initializer.trained.card.get("kind", "patient-specific"),
+            }
+        else:
+            assert init is not None
+            pose0 = _load_pose(init)
         config = registration_preset(preset) if loss is None else registration_preset(preset, loss=loss)
         renderer = VolumeRenderer(volume, physics.value)
         total = sum(s.iterations for s in config.scales)
@@ -146,7 +193,12 @@ def register_command(
             "physics": physics.value,
             "ct": str(ct),
             "xray": str(xray),
+            "initial_pose": network
+            if network is not None
+            else {"source": "file", "path": str(init), "pose_camera_to_world": pose0[0].double().tolist()},
         }
+        if network is not None:
+            record["network_seconds"] = network["seconds"]
         from .._atomic import atomic_write_text
 
         atomic_write_text(out, json.dumps(record, indent=2))
@@ -166,6 +218,7 @@ def register_command(
     except XrayposeError as exc:
         _fail(str(exc))
     console.print(
-        f"wrote {out}: loss {record['initial_loss']:.4f} → {record['loss']:.4f} in {result.iterations} steps, "
+        (f"network initial pose in {record['network_seconds']:.2f} s; " if model is not None else "")
+        + f"wrote {out}: loss {record['initial_loss']:.4f} → {record['loss']:.4f} in {result.iterations} steps, "
         f"{result.seconds:.1f} s ({result.stop_reason})"
     )

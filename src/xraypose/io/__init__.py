@@ -6,13 +6,14 @@ World frame: RAS+ mm; ``Volume.affine`` maps voxel index ``(i, j, k, 1)`` to wor
 from xraypose.io.attenuation import AttenuationModel, hu_to_mu
 from xraypose.io.default import default_ct_structures, load_default_ct
 from xraypose.io.images import load_image, save_image
-from xraypose.io.readers import read_labels, read_volume, write_volume
+from xraypose.io.readers import find_cts, read_labels, read_volume, write_volume
 from xraypose.io.volume import Volume
 
 __all__ = [
     "AttenuationModel",
     "Volume",
     "default_ct_structures",
+    "find_cts",
     "hu_to_mu",
     "load_default_ct",
     "load_image",

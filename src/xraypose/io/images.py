@@ -20,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from xraypose._atomic import atomic_path
 from xraypose.errors import FileFormatError, InputError
 
-__all__ = ["IMAGE_LOAD_EXTENSIONS", "IMAGE_SAVE_EXTENSIONS", "load_image", "save_image"]
+__all__ = ["IMAGE_LOAD_EXTENSIONS", "IMAGE_SAVE_EXTENSIONS", "load_image", "save_image", "to_line_integrals"]
 
 PathLike = str | os.PathLike[str]
 
@@ -201,3 +201,21 @@ def load_image(path: PathLike) -> np.ndarray:
             f"{p}: cannot read the file (corrupt or not {ext or 'an image'}): {exc}"
         ) from exc
     return _to_gray(arr, p, rgb=rgb)
+
+
+def to_line_integrals(image: torch.Tensor | np.ndarray, polarity: str = "attenuation") -> torch.Tensor:
+    """X-ray values → the DRRs' domain, float32 (bright = attenuating).
+
+    ``"attenuation"``: already ``−ln(I/I0)``-like (log-transformed or displayed radiographs), returned as is;
+    ``"intensity"``: raw detector values (larger = more photons), mapped to ``−ln(x / max x)`` with values
+    ``<= 0`` clamped to the smallest positive one.
+    """
+    if polarity not in ("attenuation", "intensity"):
+        raise InputError(f"polarity: expected 'attenuation' or 'intensity'; got {polarity!r}")
+    x = torch.as_tensor(image, dtype=torch.float32)
+    if not bool(torch.isfinite(x).all()):
+        raise InputError("X-ray: the image holds NaN or inf values")
+    if polarity == "intensity":
+        lo = float(x[x > 0].min()) if bool((x > 0).any()) else 1.0
+        x = -torch.log(x.clamp_min(lo) / float(x.max()))
+    return x

@@ -520,3 +520,78 @@ def write_volume(
         lp = Path(labels_path)
         _atomic_write(_to_sitk(lab.astype(lab_type), affine, f"write_volume {lp}"), lp)
     return p
+
+
+# ---------------------------------------------------------------------------------------------- folders
+_LABEL_WORDS = ("label", "seg", "mask")
+_VOLUME_FILE_EXTENSIONS = tuple(e for e in SUPPORTED_EXTENSIONS if e != ".dcm")
+
+
+def _volume_stem(path: Path) -> str:
+    return path.name[: -len(_extension(path))]
+
+
+def _is_label_name(path: Path) -> bool:
+    return any(w in _volume_stem(path).lower() for w in _LABEL_WORDS)
+
+
+def _holds_dicom_series(folder: Path) -> bool:
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM warns on stderr when a folder has no series
+    try:
+        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    except RuntimeError:
+        return False
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+def find_cts(folder: PathLike) -> list[tuple[Path, Path | None]]:
+    """The CTs of a folder, as ``(CT path, label map path or None)`` pairs in sorted order.
+
+    A CT is
+
+    - a volume file directly in ``folder`` (NIfTI, NRRD, MetaImage) whose name does not contain ``label``,
+      ``seg`` or ``mask``; a file ``<stem>_labels.<ext>`` (or ``<stem>_seg``…) beside it is its label map;
+    - a subfolder holding ``ct.<ext>`` (the layout ``<name>/ct.nii.gz``, ``<name>/labels.nii.gz``), with
+      ``labels.<ext>`` beside it as its label map;
+    - otherwise a subfolder holding a DICOM series.
+
+    Other files and folders are ignored.
+
+    Raises:
+        FileFormatError: ``folder`` is not a folder, or holds no CT.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileFormatError(f"{root}: not a folder")
+    found: list[tuple[Path, Path | None]] = []
+    entries = sorted(root.iterdir())
+    files = [p for p in entries if p.is_file() and _extension(p) in _VOLUME_FILE_EXTENSIONS]
+    for p in files:
+        if _is_label_name(p):
+            continue
+        stem = _volume_stem(p)
+        labels = next(
+            (
+                q
+                for q in files
+                if q is not p and _is_label_name(q) and _volume_stem(q).lower().startswith(stem.lower() + "_")
+            ),
+            None,
+        )
+        found.append((p, labels))
+    for sub in (p for p in entries if p.is_dir()):
+        inner = sorted(q for q in sub.iterdir() if q.is_file() and _extension(q) in _VOLUME_FILE_EXTENSIONS)
+        ct = next((q for q in inner if _volume_stem(q).lower() == "ct"), None)
+        if ct is not None:
+            labels = next((q for q in inner if _volume_stem(q).lower() == "labels"), None)
+            found.append((ct, labels))
+        elif _holds_dicom_series(sub):
+            found.append((sub, None))
+    if not found:
+        raise FileFormatError(
+            f"{root}: no CT found (expected volume files {', '.join(_VOLUME_FILE_EXTENSIONS)}, subfolders with "
+            "ct.<ext>, or DICOM series folders)"
+        )
+    return found

@@ -1,4 +1,5 @@
-"""Learning: a patient-specific pose regression network (DiffPose-style), its training data and training."""
+"""Learning: a pose regression network (DiffPose-style), its training data, training (patient-specific, pretrained
+over several CTs, finetuned) and network initialisation of registration."""
 
 from .augment import AugmentConfig, augment
 from .data import (
@@ -10,6 +11,7 @@ from .data import (
     standardize,
     target_to_pose,
 )
+from .inference import InitialPose, NetworkInitializer, predict_initial_pose, to_line_integrals
 from .model import (
     PoseNormalizer,
     PoseOutput,
@@ -20,9 +22,11 @@ from .model import (
     sinusoidal_position_embedding_2d,
 )
 from .training import (
+    ModelCardWarning,
     TrainedModel,
     TrainingConfig,
     TrainingResult,
+    card_cts,
     check_model_card,
     ct_sha256,
     load_trained_model,
@@ -33,6 +37,9 @@ from .training import (
 __all__ = [
     "AugmentConfig",
     "GaussianPoseDistribution",
+    "InitialPose",
+    "ModelCardWarning",
+    "NetworkInitializer",
     "PoseBatch",
     "PoseDataStream",
     "PoseNormalizer",
@@ -45,14 +52,17 @@ __all__ = [
     "TrainingResult",
     "augment",
     "available_backbones",
+    "card_cts",
     "check_model_card",
     "ct_sha256",
     "load_trained_model",
     "pose_losses",
     "pose_to_target",
+    "predict_initial_pose",
     "reference_frame",
     "sinusoidal_position_embedding_2d",
     "standardize",
     "target_to_pose",
+    "to_line_integrals",
     "train",
 ]

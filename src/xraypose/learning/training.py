@@ -34,7 +34,8 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,15 +56,18 @@ from .data import (
     PoseDataStream,
     PoseDistribution,
     derive_seed,
+    distribution_from_dict,
     standardize,
     target_to_pose,
 )
 from .model import PoseNormalizer, PoseOutput, PoseRegressor, PoseRegressorConfig
 
 __all__ = [
+    "ModelCardWarning",
     "TrainedModel",
     "TrainingConfig",
     "TrainingResult",
+    "card_cts",
     "check_model_card",
     "ct_sha256",
     "load_trained_model",
@@ -128,6 +132,14 @@ class TrainingConfig:
         physics: DRR physics, ``"mono"`` or ``"poly"``.
         min_foreground: near-empty DRR rejection (:class:`~xraypose.learning.data.PoseDataStream`).
         tensorboard: also write TensorBoard events when ``torch.utils.tensorboard`` imports.
+        crop_probability: probability that a sample renders a random sub-box of its CT
+            (:class:`~xraypose.learning.data.PoseDataStream`; ``0``: never).
+        crop_min_mm: smallest side of a crop box, mm.
+        max_seconds: wall-clock budget of the whole training (resumptions included), seconds; ``0``: none. With
+            a budget, training stops at whichever of ``steps`` and the budget comes first, and the schedule
+            (the cosine decay and the stages; not the warm-up, which counts steps) follows whichever is further
+            along, so a run cut by its budget still ends at the final learning rate and the full pose range;
+            such runs depend on the machine's speed and are not reproducible step for step.
     """
 
     steps: int = 10000
@@ -152,6 +164,9 @@ class TrainingConfig:
     physics: str = "mono"
     min_foreground: float = 0.1
     tensorboard: bool = True
+    crop_probability: float = 0.0
+    crop_min_mm: float = 100.0
+    max_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         def bad(name: str, expected: str) -> InputError:
@@ -179,6 +194,9 @@ class TrainingConfig:
             "double_geodesic_weight",
             "autoencoder_weight",
             "min_foreground",
+            "crop_probability",
+            "crop_min_mm",
+            "max_seconds",
         ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
@@ -188,6 +206,10 @@ class TrainingConfig:
             raise bad("lr", "a positive number")
         if self.min_foreground > 1:
             raise bad("min_foreground", "a fraction in [0, 1]")
+        if self.crop_probability > 1:
+            raise bad("crop_probability", "a probability in [0, 1]")
+        if self.crop_min_mm <= 0:
+            raise bad("crop_min_mm", "a positive length in mm")
         try:
             stages = tuple(tuple(float(x) for x in st) for st in self.stages)
         except (TypeError, ValueError):
@@ -221,8 +243,17 @@ class TrainingConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise :class:`InputError`, missing ones take defaults."""
         return dataclass_from_dict(cls, data)
 
+    def schedule_position(self, step: int, elapsed_s: float = 0.0) -> int:
+        """The step the schedule (stages, cosine decay) is at: ``step``, or with a time budget the further
+        along of ``step`` and ``steps · elapsed_s / max_seconds`` (at most ``steps − 1``)."""
+        if self.max_seconds <= 0:
+            return step
+        by_time = int(self.steps * min(1.0, max(0.0, elapsed_s) / self.max_seconds))
+        return min(self.steps - 1, max(step, by_time))
+
     def stage_at(self, step: int) -> tuple[int, float, float]:
-        """``(stage index, pose scale, augmentation strength factor)`` of ``step`` (0-based)."""
+        """``(stage index, pose scale, augmentation strength factor)`` of ``step`` (0-based; with a time budget
+        pass :meth:`schedule_position`)."""
         acc = 0.0
         for i, (frac, scale, strength) in enumerate(self.stages):
             acc += frac
@@ -230,12 +261,15 @@ class TrainingConfig:
                 return i, scale, strength
         raise AssertionError("unreachable")
 
-    def lr_factor(self, step: int) -> float:
-        """Learning rate of ``step`` relative to :attr:`lr` (warm-up, then cosine to ``final_lr_fraction``)."""
+    def lr_factor(self, step: int, position: int | None = None) -> float:
+        """Learning rate of ``step`` relative to :attr:`lr`: a warm-up over the first ``warmup_steps`` steps,
+        then a cosine to ``final_lr_fraction`` at the schedule ``position`` (default ``step``;
+        :meth:`schedule_position`)."""
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
+        pos = step if position is None else max(step, position)
         span = max(1, self.steps - self.warmup_steps - 1)
-        t = min(1.0, (step - self.warmup_steps) / span)
+        t = min(1.0, (pos - self.warmup_steps) / span)
         return self.final_lr_fraction + (1 - self.final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * t))
 
 
@@ -246,19 +280,21 @@ class TrainingResult:
     Attributes:
         model: the trained network (on the training device, unwrapped from DDP, in eval mode).
         normalizer: its translation normaliser.
-        reference_frame: ``(4, 4)`` float64 frame ``F`` of the targets (poses: ``F · Y⁻¹``).
+        reference_frame: ``(4, 4)`` float64 frame ``F`` of the targets (poses: ``F · Y⁻¹``); ``None`` when
+            trained over several CTs (each has its own, ``card["cts"]``).
         steps: steps done in total (including those before a resumption).
         wall_time_s: training time in total (including earlier runs of a resumed training).
         final_loss: mean loss of the last logged interval (``nan`` if no step ran in this call).
         out_dir: the output folder.
         card: the model card (written at the end or at ``stop_after``).
         resumed_from: the step a resumption started from (``None``: fresh start).
-        finished: ``steps == config.steps``.
+        finished: the training is complete: all ``config.steps`` done, or the time budget spent
+            (``card["stopped_by"]``: ``"steps"``, ``"time_budget"`` or ``"stop_after"``).
     """
 
     model: PoseRegressor
     normalizer: PoseNormalizer
-    reference_frame: torch.Tensor
+    reference_frame: torch.Tensor | None
     steps: int
     wall_time_s: float
     final_loss: float
@@ -332,32 +368,11 @@ def _physical_detector(intr: Intrinsics) -> dict[str, float]:
     }
 
 
-def check_model_card(
-    card: Mapping[str, Any] | str | os.PathLike,
-    ct: Volume,
-    intrinsics: Intrinsics,
-    *,
-    allow_mismatch: bool = False,
-    rtol: float = 1e-6,
-) -> list[str]:
-    """Check that a patient-specific model is used on the CT and the C-arm detector it was trained for.
+class ModelCardWarning(UserWarning):
+    """A model is used on a CT it was not trained on (a patient-agnostic model on a new patient)."""
 
-    Compares the SHA-256 of the CT voxels (:func:`ct_sha256`), the CT grid shape and affine, and the physical
-    detector (source-to-detector distance, detector extent in mm, principal-point offsets; the pixel count may
-    differ: images are resampled to the training size).
 
-    Args:
-        card: the model card (a mapping, or the path of ``model_card.json`` or of its folder).
-        ct: the CT the model is about to be used with.
-        intrinsics: the detector of the X-rays.
-        allow_mismatch: return the mismatches instead of raising.
-        rtol: relative tolerance of the numeric comparisons.
-    Returns:
-        The mismatches found (empty when everything matches).
-    Raises:
-        InputError: naming every mismatch, unless ``allow_mismatch``.
-        FileFormatError: the card cannot be read.
-    """
+def _read_card(card: Mapping[str, Any] | str | os.PathLike) -> Mapping[str, Any]:
     if not isinstance(card, Mapping):
         path = Path(card)
         if path.is_dir():
@@ -370,6 +385,59 @@ def check_model_card(
             raise FileFormatError(f"{path}: not a readable model card ({exc})") from None
     if not isinstance(card, Mapping) or card.get("format") != _CARD_FORMAT:
         raise FileFormatError(f"model card: not an xraypose model card (format {_CARD_FORMAT!r} expected)")
+    return card
+
+
+def card_cts(card: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The CTs a model card says the model was trained (or finetuned) on: ``card["cts"]``, or for cards
+    written before several CTs were supported, ``[card["ct"]]`` with the card's reference frame."""
+    cts = card.get("cts")
+    if isinstance(cts, list) and cts:
+        return [dict(c) for c in cts]
+    ct = dict(card.get("ct") or {})
+    poses = card.get("poses") or {}
+    ct.setdefault("center_world", poses.get("center_world"))
+    ct.setdefault("reference_frame", poses.get("reference_frame"))
+    return [ct]
+
+
+def check_model_card(
+    card: Mapping[str, Any] | str | os.PathLike,
+    ct: Volume,
+    intrinsics: Intrinsics,
+    *,
+    allow_mismatch: bool = False,
+    allow_new_patient: bool = False,
+    rtol: float = 1e-6,
+    sha256: str | None = None,
+) -> list[str]:
+    """Check that a model is used on a CT it was trained for and on the C-arm detector it was trained for.
+
+    The CT must be one of the model's training CTs (:func:`card_cts`: the one CT of a patient-specific or a
+    finetuned model, any of the CTs of a pretrained one), compared by the SHA-256 of its voxels
+    (:func:`ct_sha256`), then by grid shape and affine. A **patient-agnostic** model (pretrained over several
+    CTs, ``card["patient_agnostic"]``) may be used on a new CT with ``allow_new_patient=True``: a
+    :class:`ModelCardWarning` says so (finetuning on the new CT, ``train(..., init_model=)``, is the better
+    route); a patient-specific or finetuned model is refused on another CT either way. The physical detector
+    (source-to-detector distance, detector extent in mm, principal-point offsets) must match in every case;
+    the pixel count may differ (images are resampled to the training size).
+
+    Args:
+        card: the model card (a mapping, or the path of ``model_card.json`` or of its folder).
+        ct: the CT the model is about to be used with.
+        intrinsics: the detector of the X-rays.
+        allow_mismatch: return the mismatches instead of raising.
+        allow_new_patient: accept a CT the model was not trained on if the model is patient-agnostic.
+        rtol: relative tolerance of the numeric comparisons.
+        sha256: :func:`ct_sha256` of ``ct`` when already known.
+    Returns:
+        The mismatches found (empty when everything matches, or when the only difference is a new CT for a
+        patient-agnostic model with ``allow_new_patient``).
+    Raises:
+        InputError: naming every mismatch, unless ``allow_mismatch``.
+        FileFormatError: the card cannot be read.
+    """
+    card = _read_card(card)
     if not isinstance(ct, Volume):
         raise InputError(f"check_model_card: 'ct' must be a Volume; got {type(ct).__name__}")
     if not isinstance(intrinsics, Intrinsics):
@@ -377,33 +445,51 @@ def check_model_card(
             f"check_model_card: 'intrinsics' must be Intrinsics; got {type(intrinsics).__name__}"
         )
     problems: list[str] = []
-    trained_ct = card.get("ct", {})
-    sha = ct_sha256(ct)
-    if trained_ct.get("sha256") != sha:
-        problems.append(
-            f"CT voxels differ (trained on SHA-256 {str(trained_ct.get('sha256'))[:12]}…, shape "
-            f"{tuple(trained_ct.get('shape', ()))}; given SHA-256 {sha[:12]}…, shape {ct.shape})"
-        )
-    elif tuple(trained_ct.get("shape", ())) != ct.shape:
-        problems.append(f"CT shape differs (trained {tuple(trained_ct.get('shape', ()))}, given {ct.shape})")
+    agnostic = bool(card.get("patient_agnostic", False))
+    entries = card_cts(card)
+    sha = ct_sha256(ct) if sha256 is None else sha256
+    match = next((e for e in entries if e.get("sha256") == sha), None)
+    if match is None:
+        trained = ", ".join(
+            f"SHA-256 {str(e.get('sha256'))[:12]}… shape {tuple(e.get('shape', ()))}" for e in entries[:3]
+        ) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+        what = f"CT voxels differ (trained on {trained}; given SHA-256 {sha[:12]}…, shape {ct.shape})"
+        if agnostic and allow_new_patient:
+            warnings.warn(
+                f"model card: the patient-agnostic model is used on a CT it was not trained on ({what}); "
+                "finetuning it on this CT (xraypose train --init-model) is expected to be more accurate",
+                ModelCardWarning,
+                stacklevel=2,
+            )
+        elif agnostic:
+            problems.append(
+                what
+                + "; the model is patient-agnostic: allow_new_patient=True (--allow-new-patient) uses it "
+                "on a new patient"
+            )
+        else:
+            problems.append(what)
+    elif tuple(match.get("shape", ())) != ct.shape:
+        problems.append(f"CT shape differs (trained {tuple(match.get('shape', ()))}, given {ct.shape})")
     else:
-        want = torch.tensor(trained_ct.get("affine"), dtype=torch.float64)
+        want = torch.tensor(match.get("affine"), dtype=torch.float64)
         got = ct.affine.detach().cpu().double()
         if want.shape != (4, 4) or not torch.allclose(want, got, rtol=rtol, atol=1e-6):
             problems.append("CT affine (voxel-to-world placement) differs from the training CT's")
-    trained = card.get("detector", {})
+    trained_det = card.get("detector", {})
     given = _physical_detector(intrinsics)
     diffs = [
-        f"{k}: trained {trained.get(k)!r}, given {v:g}"
+        f"{k}: trained {trained_det.get(k)!r}, given {v:g}"
         for k, v in given.items()
-        if not isinstance(trained.get(k), (int, float))
-        or not math.isclose(trained[k], v, rel_tol=rtol, abs_tol=1e-9)
+        if not isinstance(trained_det.get(k), (int, float))
+        or not math.isclose(trained_det[k], v, rel_tol=rtol, abs_tol=1e-9)
     ]
     if diffs:
         problems.append("C-arm detector differs (" + "; ".join(diffs) + ")")
     if problems and not allow_mismatch:
+        kind = "patient-agnostic" if agnostic else "patient-specific"
         raise InputError(
-            "model card: this patient-specific model was trained for another CT/camera: "
+            f"model card: this {kind} model was trained for another CT/camera: "
             + "; ".join(problems)
             + " (pass allow_mismatch=True to use it anyway)"
         )
@@ -417,16 +503,50 @@ def check_model_card(
 
 @dataclass
 class TrainedModel:
-    """A trained pose regressor with what inference needs: normaliser, reference frame and model card."""
+    """A trained pose regressor with what inference needs: normaliser, reference frame and model card.
+
+    ``reference_frame`` is the frame ``F`` of the one training CT (``None`` for a model pretrained over
+    several CTs: each CT has its own, :meth:`reference_frame_for`). ``path`` is the folder it was loaded from.
+    """
 
     model: PoseRegressor
     normalizer: PoseNormalizer
-    reference_frame: torch.Tensor
+    reference_frame: torch.Tensor | None
     card: dict[str, Any]
+    path: Path | None = None
 
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
+    def reference_frame_for(self, ct: Volume, *, sha256: str | None = None) -> torch.Tensor:
+        """The ``(4, 4)`` float64 reference frame ``F`` of the targets on ``ct``: the recorded one when ``ct`` is
+        a training CT (same voxels), else the frame of the model's pose distribution about ``ct``'s anatomy
+        centre (:func:`~xraypose.datasets.synthetic.anatomy_center`: labels, else bone, else box centre).
+        Does not check the card (:func:`check_model_card`)."""
+        from .data import distribution_from_dict, reference_frame
+
+        sha = ct_sha256(ct) if sha256 is None else sha256
+        for entry in card_cts(self.card):
+            if entry.get("sha256") == sha and entry.get("reference_frame") is not None:
+                return torch.tensor(entry["reference_frame"], dtype=torch.float64)
+        from ..datasets.synthetic import anatomy_center
+
+        try:
+            dist = distribution_from_dict(self.card["poses"]["distribution"])
+        except (KeyError, TypeError) as exc:
+            raise FileFormatError(f"model card: no pose distribution recorded ({exc})") from None
+        return reference_frame(dist, anatomy_center(ct))
+
+    def predict(self, images: torch.Tensor, reference_frame: torch.Tensor | None = None) -> torch.Tensor:
         """Camera-to-world poses ``(B, 4, 4)`` (float64, CPU) of ``−ln(I/I0)`` images ``(B, H, W)`` or
-        ``(B, 1, H, W)`` (bright = attenuating), resized to the training size and standardised as in training."""
+        ``(B, 1, H, W)`` (bright = attenuating), resized to the training size (area averaging: the same
+        physical detector on ``S × S`` pixels, as the training DRRs) and standardised as in training.
+
+        ``reference_frame``: the frame of the CT the images show (default the model's own; required for a
+        model pretrained over several CTs, :meth:`reference_frame_for`)."""
+        frame = self.reference_frame if reference_frame is None else reference_frame
+        if frame is None:
+            raise InputError(
+                "TrainedModel.predict: this model was trained over several CTs; pass the reference frame of "
+                "the CT the images show (reference_frame_for(ct)), or use predict_initial_pose"
+            )
         x = images if images.ndim == 4 else images[:, None]
         s = self.model.config.image_size
         dev = next(self.model.parameters()).device
@@ -436,22 +556,25 @@ class TrainedModel:
         self.model.eval()
         with torch.no_grad():
             y = self.model.predict_pose(standardize(x), self.normalizer)
-        return target_to_pose(y.double().cpu(), self.reference_frame)
+        return target_to_pose(y.double().cpu(), frame.double().cpu())
 
 
 def load_trained_model(path: str | os.PathLike) -> TrainedModel:
-    """Load ``model.safetensors`` and ``model_card.json`` from a training folder."""
+    """Load ``model.safetensors`` (safetensors: no pickle) and ``model_card.json`` from a training folder."""
     folder = Path(path)
+    if not folder.is_dir():
+        raise FileFormatError(f"{folder}: model folder not found (expected {MODEL_FILE} and {CARD_FILE})")
     model, normalizer = PoseRegressor.load(folder / MODEL_FILE)
     try:
         card = json.loads((folder / CARD_FILE).read_text(encoding="utf-8"))
-        frame = torch.tensor(card["poses"]["reference_frame"], dtype=torch.float64)
+        raw = card["poses"]["reference_frame"]
+        frame = None if raw is None else torch.tensor(raw, dtype=torch.float64)
     except (OSError, KeyError, TypeError, json.JSONDecodeError) as exc:
         raise FileFormatError(f"{folder / CARD_FILE}: missing or invalid model card ({exc})") from None
     if normalizer is None:
         raise FileFormatError(f"{folder / MODEL_FILE}: no translation normaliser stored")
     model.eval()
-    return TrainedModel(model, normalizer, frame, card)
+    return TrainedModel(model, normalizer, frame, card, folder)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -482,6 +605,15 @@ def _distributed(device_pref: str) -> tuple[int, int, bool, torch.device]:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else 0)
         torch.cuda.set_device(device)
     return rank, world, initialised_here, device
+
+
+def _rank0_value(value: float, world: int, device: torch.device) -> float:
+    """``value`` as rank 0 has it (every rank gets the same number)."""
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(t, 0)
+    return float(t[0])
 
 
 def _all_mean(values: torch.Tensor, world: int) -> torch.Tensor:
@@ -548,36 +680,82 @@ def _jsonable(x: Any) -> Any:
     return json.loads(json.dumps(x))
 
 
+def _weights_sha256(model: torch.nn.Module) -> str:
+    """SHA-256 of a model's state dict (names, dtypes, shapes and float32-or-native bytes, in key order)."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        data = t.detach().cpu().contiguous()
+        h.update(f"{name}:{data.dtype}:{tuple(data.shape)};".encode())
+        h.update(data.numpy().tobytes() if data.dtype != torch.bfloat16 else data.float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _pretrained_summary(pre: TrainedModel) -> dict[str, Any]:
+    """What a finetuned model's card records of the model it started from (``pretrained_from``)."""
+    card = pre.card
+    canonical = json.dumps(card, sort_keys=True, separators=(",", ":")).encode()
+    return _jsonable(
+        {
+            "path": None if pre.path is None else str(pre.path),
+            "card_sha256": hashlib.sha256(canonical).hexdigest(),
+            "weights_sha256": _weights_sha256(pre.model),
+            "kind": card.get("kind", "patient-specific"),
+            "patient_agnostic": bool(card.get("patient_agnostic", False)),
+            "steps_done": card.get("steps_done"),
+            "created_unix": card.get("created_unix"),
+            "cts": [
+                {"sha256": e.get("sha256"), "source": e.get("source"), "probability": e.get("probability")}
+                for e in card_cts(card)
+            ],
+            "pretrained_from": card.get("pretrained_from"),
+        }
+    )
+
+
 # --------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------
 
 
 def train(
-    ct: Volume,
+    ct: Volume | Sequence[Volume],
     intrinsics: Intrinsics,
     out_dir: str | os.PathLike,
     config: TrainingConfig | None = None,
     model_config: PoseRegressorConfig | None = None,
     *,
     distribution: PoseDistribution | None = None,
-    center_world: torch.Tensor | tuple[float, float, float] | None = None,
+    center_world: Any = None,
+    ct_weights: Sequence[float] | None = None,
+    init_model: str | os.PathLike | TrainedModel | None = None,
     resume: bool = True,
     progress: bool = True,
     stop_after: int | None = None,
     callback: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrainingResult:
-    """Train a patient-specific pose regressor on DRRs of ``ct`` (module docstring).
+    """Train a pose regressor on DRRs of ``ct`` (module docstring).
+
+    One CT trains a patient-specific model; several CTs pretrain a **patient-agnostic** one (each sample is
+    rendered from a CT drawn with probability proportional to ``ct_weights``, in that CT's own anatomy frame;
+    :class:`~xraypose.learning.data.PoseDataStream`). ``init_model`` **finetunes** a trained model: training
+    starts from its weights (its normaliser and, by default, its pose distribution), with a fresh optimiser and
+    schedule. The model card records which (``kind``: ``"patient-specific"``, ``"pretrained"``,
+    ``"finetuned"``; ``pretrained_from``; ``finetuned_on``).
 
     Args:
-        ct: the patient's CT (HU).
+        ct: the patient's CT (HU), or a sequence of CTs (pretraining).
         intrinsics: the C-arm detector the model will be used with (any resolution).
         out_dir: output folder (created): checkpoint, weights, model card, log.
         config: hyper-parameters (default :class:`TrainingConfig`).
-        model_config: network (default ``PoseRegressorConfig(image_size=config.image_size)``); its
-            ``image_size`` must equal ``config.image_size``.
-        distribution: poses (default :class:`~xraypose.geometry.sampling.CArmPoseDistribution`).
-        center_world: the anatomy centre (default :func:`xraypose.datasets.synthetic.anatomy_center`).
+        model_config: network (default ``PoseRegressorConfig(image_size=config.image_size)``, or with
+            ``init_model`` the pretrained model's, which it must equal); its ``image_size`` must equal
+            ``config.image_size``.
+        distribution: poses (default :class:`~xraypose.geometry.sampling.CArmPoseDistribution`; with
+            ``init_model`` the pretrained model's).
+        center_world: the anatomy centre (default :func:`xraypose.datasets.synthetic.anatomy_center` of each
+            CT); with several CTs one centre per CT.
+        ct_weights: sampling weights of several CTs (default equal).
+        init_model: a trained model (its folder, or a :class:`TrainedModel`) to finetune.
         resume: continue from ``out_dir/checkpoint.pt`` when present (its configuration, CT and camera must
             match; only ``checkpoint_every``, ``log_every``, ``tensorboard`` and ``device`` may change). With
             ``False`` a fresh training overwrites the folder's files.
@@ -591,6 +769,21 @@ def train(
     config = TrainingConfig() if config is None else config
     if not isinstance(config, TrainingConfig):
         raise InputError(f"train: 'config' must be a TrainingConfig; got {type(config).__name__}")
+    pretrained: TrainedModel | None = None
+    if init_model is not None:
+        pretrained = init_model if isinstance(init_model, TrainedModel) else load_trained_model(init_model)
+        pre_config = dataclasses.replace(pretrained.model.config, weights=None)
+        if model_config is None:
+            model_config = pre_config
+        elif isinstance(model_config, PoseRegressorConfig):
+            given, have = model_config.to_dict(), pre_config.to_dict()
+            diff = [f"{k}: pretrained {have[k]!r}, given {given[k]!r}" for k in have if given[k] != have[k]]
+            if diff:
+                raise InputError(
+                    "train: init_model's architecture differs from model_config ("
+                    + "; ".join(diff)
+                    + "); finetuning keeps the pretrained architecture: leave model_config unset or equal"
+                )
     if model_config is None:
         model_config = PoseRegressorConfig(image_size=config.image_size)
     if not isinstance(model_config, PoseRegressorConfig):
@@ -600,14 +793,17 @@ def train(
     if model_config.image_size != config.image_size:
         raise InputError(
             f"train: model_config.image_size ({model_config.image_size}) must equal config.image_size "
-            f"({config.image_size})"
+            f"({config.image_size})" + (" (the pretrained model's image size)" if pretrained else "")
         )
     if model_config.in_chans != 1:
         raise InputError(
             f"train: the model must take 1 channel (X-rays); got in_chans={model_config.in_chans}"
         )
-    if not isinstance(ct, Volume):
-        raise InputError(f"train: 'ct' must be a Volume; got {type(ct).__name__}")
+    cts = [ct] if isinstance(ct, Volume) else list(ct) if isinstance(ct, (list, tuple)) else []
+    if not cts or not all(isinstance(v, Volume) for v in cts):
+        raise InputError(
+            f"train: 'ct' must be a Volume or a non-empty sequence of Volumes; got {type(ct).__name__}"
+        )
     if not isinstance(intrinsics, Intrinsics):
         raise InputError(f"train: 'intrinsics' must be Intrinsics; got {type(intrinsics).__name__}")
     if stop_after is not None and (
@@ -618,13 +814,15 @@ def train(
     rank, world, init_here, device = _distributed(config.device)
     try:
         return _train(
-            ct,
+            cts,
             intrinsics,
             Path(out_dir),
             config,
             model_config,
             distribution,
             center_world,
+            ct_weights,
+            pretrained,
             resume,
             progress,
             stop_after,
@@ -639,13 +837,15 @@ def train(
 
 
 def _train(
-    ct: Volume,
+    cts: list[Volume],
     intrinsics: Intrinsics,
     out: Path,
     config: TrainingConfig,
     model_config: PoseRegressorConfig,
     distribution: PoseDistribution | None,
     center_world: Any,
+    ct_weights: Sequence[float] | None,
+    pretrained: TrainedModel | None,
     resume: bool,
     progress: bool,
     stop_after: int | None,
@@ -661,8 +861,11 @@ def _train(
     main = rank == 0
     if main:
         out.mkdir(parents=True, exist_ok=True)
+    single = len(cts) == 1
+    if distribution is None and pretrained is not None:
+        distribution = distribution_from_dict(pretrained.card["poses"]["distribution"])
     stream = PoseDataStream(
-        ct,
+        cts[0] if single else cts,
         intrinsics,
         image_size=config.image_size,
         batch_size=config.batch_size // world,
@@ -674,21 +877,31 @@ def _train(
         device=device,
         physics=config.physics,
         min_foreground=config.min_foreground,
+        normalizer=None if pretrained is None else pretrained.normalizer,
+        ct_weights=ct_weights,
+        crop_probability=config.crop_probability,
+        crop_min_mm=config.crop_min_mm,
     )
     normalizer = stream.normalizer
     assert normalizer is not None
-    sha = ct_sha256(ct)
+    shas = [ct_sha256(v) for v in cts]
+    source_summary = None if pretrained is None else _pretrained_summary(pretrained)
     identity = {
         "config": config.to_dict(),
         "model_config": dataclasses.replace(model_config, weights=None).to_dict(),
-        "ct_sha256": sha,
+        "ct_sha256": shas[0] if single else shas,
         "intrinsics": intrinsics.to_dict(),
         "poses": _jsonable(stream.describe()),
+        "init_model": None
+        if source_summary is None
+        else {k: source_summary[k] for k in ("card_sha256", "weights_sha256")},
     }
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(config.seed, "init"))
         model = PoseRegressor(model_config)
+    if pretrained is not None:
+        model.load_state_dict(pretrained.model.state_dict(), strict=True)
     model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: config.lr_factor(step))
@@ -744,6 +957,12 @@ def _train(
     spacing = (stream.train_intrinsics.dy, stream.train_intrinsics.dx)
     use_amp = config.amp and device.type == "cuda"
     end = config.steps if stop_after is None else min(config.steps, max(stop_after, start))
+    budget = config.max_seconds
+    elapsed_now = elapsed_before
+    stopped_by = "steps"
+    if budget > 0 and elapsed_before >= budget:
+        end, stopped_by = start, "time_budget"
+    done = start
     terms_acc = torch.zeros(5, dtype=torch.float64, device=device)
     n_acc = 0
     last_loss = resumed_loss
@@ -798,7 +1017,11 @@ def _train(
         task = bar.add_task("train", total=config.steps, completed=start, loss="—", ips="—")
         ddp.train()
         for step in range(start, end):
-            _, pose_scale, strength = config.stage_at(step)
+            position = config.schedule_position(step, elapsed_now)
+            _, pose_scale, strength = config.stage_at(position)
+            if budget > 0:  # the schedule follows the time spent (TrainingConfig.max_seconds)
+                for group in opt.param_groups:
+                    group["lr"] = config.lr * config.lr_factor(step, position)
             batch = stream.batch(step, pose_scale=pose_scale)
             drr = batch.drr
             aug = config.augment.scaled(strength)
@@ -849,7 +1072,12 @@ def _train(
                     ),
                 )
             done = step + 1
-            if done % config.log_every == 0 or done == end:
+            budget_hit = False
+            if budget > 0:  # rank 0's clock decides, so that every rank stops at the same step
+                elapsed_now = _rank0_value(elapsed_before + time.perf_counter() - t0, world, device)
+                budget_hit = elapsed_now >= budget
+            final = done == end or budget_hit
+            if done % config.log_every == 0 or final:
                 mean = _all_mean(terms_acc / n_acc, world).tolist()
                 now = time.perf_counter()
                 ips = n_acc * config.batch_size / max(now - t_log, 1e-9)
@@ -883,27 +1111,54 @@ def _train(
                 terms_acc.zero_()
                 n_acc = 0
                 t_log = now
-            if done % config.checkpoint_every == 0 or done == end:
+            if done % config.checkpoint_every == 0 or final:
                 checkpoint(done)
             bar.update(task, completed=done)
+            if budget_hit:
+                stopped_by = "time_budget"
+                break
         if end == start and main and not ckpt_path.exists():
             checkpoint(start)
 
     if writer is not None:
         writer.close()
     wall = elapsed_before + time.perf_counter() - t0
-    finished = end >= config.steps
+    if stopped_by == "steps" and done < config.steps:
+        stopped_by = "stop_after"
+    finished = stopped_by != "stop_after"
+    entries = [
+        {
+            "sha256": sha,
+            "shape": list(vol.shape),
+            "affine": vol.affine.detach().cpu().double().tolist(),
+            "spacing_mm": vol.spacing.detach().cpu().tolist(),
+            "source": vol.source,
+            "probability": prob,
+            "center_world": stream.centers[k].tolist(),
+            "center": "anatomy_center" if center_world is None else "given",
+            "reference_frame": stream.frames[k].tolist(),
+        }
+        for k, (vol, sha, prob) in enumerate(zip(cts, shas, stream.ct_probabilities, strict=True))
+    ]
+    kind = "pretrained" if not single else "finetuned" if pretrained is not None else "patient-specific"
     card = {
         "format": _CARD_FORMAT,
         "version": 1,
         "created_unix": time.time(),
         "versions": _versions(),
-        "ct": {
-            "sha256": sha,
-            "shape": list(ct.shape),
-            "affine": ct.affine.detach().cpu().double().tolist(),
-            "spacing_mm": ct.spacing.detach().cpu().tolist(),
-            "source": ct.source,
+        "kind": kind,
+        "patient_agnostic": not single,
+        "ct": entries[0] if single else None,
+        "cts": entries,
+        "pretrained_from": source_summary,
+        "finetuned_on": None
+        if kind != "finetuned"
+        else {
+            "ct_sha256": shas[0],
+            "source": cts[0].source,
+            "steps": config.steps,
+            "steps_done": done,
+            "max_seconds": budget,
         },
         "intrinsics": intrinsics.to_dict(),
         "detector": _physical_detector(intrinsics),
@@ -911,8 +1166,9 @@ def _train(
         "normalizer": normalizer.to_dict(),
         "training_config": config.to_dict(),
         "model_config": identity["model_config"],
-        "steps_done": end,
+        "steps_done": done,
         "finished": finished,
+        "stopped_by": stopped_by,
         "wall_time_s": wall,
         "world_size": world,
         "device": str(device),
@@ -930,8 +1186,8 @@ def _train(
     return TrainingResult(
         model=model,
         normalizer=normalizer,
-        reference_frame=stream.frame.clone(),
-        steps=end,
+        reference_frame=stream.frame.clone() if single else None,
+        steps=done,
         wall_time_s=wall,
         final_loss=last_loss,
         out_dir=out,

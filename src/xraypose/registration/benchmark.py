@@ -46,6 +46,7 @@ from ..metrics import DEFAULT_THRESHOLDS_MM, CaseResult, Summary, mtre, pose_err
 from ..metrics import summary_markdown as _summary_table
 
 __all__ = [
+    "NETWORK_LEVEL",
     "OUTPUT_FILES",
     "PEER_METHODS",
     "PEER_SCRIPT",
@@ -78,6 +79,9 @@ OUTPUT_FILES: tuple[str, ...] = (
 )
 
 _DEFAULT_CT_PREFIX = "xraypose default CT"
+
+#: The level label of the runs of ``run_benchmark(init="model")``: one network initial pose per case.
+NETWORK_LEVEL = "network"
 
 
 class BenchmarkResults(list):  # type: ignore[type-arg]
@@ -764,6 +768,9 @@ def run_benchmark(
     warmup: bool = True,
     peer_python: str | Path | None = None,
     peer_options: Mapping[str, Any] | None = None,
+    init: str = "benchmark",
+    model: str | Path | Any | None = None,
+    allow_new_patient: bool = False,
 ) -> BenchmarkResults:
     """Run registration methods on a synthetic benchmark and score every run.
 
@@ -789,6 +796,17 @@ def run_benchmark(
             :func:`peer_method` refinements, side by side with the other methods on the same cases.
         peer_options: keyword arguments of :func:`peer_method` for those (``iterations``, ``sizes``,
             ``render_method``, ``threads``, ``timeout_s``…).
+        init: where the initial poses come from: ``"benchmark"`` (the file's perturbed poses, per level and
+            initial pose) or ``"model"``: one initial pose per case, predicted from the case's X-ray by the
+            trained network ``model`` (:class:`~xraypose.learning.NetworkInitializer`, its card checked against
+            the benchmark's CT and detector); the runs' level is ``"network"``, their ``initial_mtre_mm`` is the
+            network's, and ``extra`` adds the network's other errors (``initial_rot_deg``,
+            ``initial_trans_mm``, ``initial_mpd_mm``, ``initial_mrpe_px``, ``initial_dgeo_mm``, per-axis
+            ``initial_rot_deg_xyz`` / ``initial_trans_mm_xyz``), its pose (``initial_pose``) and its time
+            (``network_seconds``, not included in ``seconds``).
+        model: the trained model (its folder or a :class:`~xraypose.learning.TrainedModel`) for
+            ``init="model"``.
+        allow_new_patient: let a patient-agnostic model run on a CT it was not trained on (``init="model"``).
     Returns:
         A :class:`BenchmarkResults` list of :class:`~xraypose.metrics.CaseResult`, one per case × level ×
         initial pose × method (in that nesting order), with the run's ``metadata``. ``case`` is the case
@@ -832,6 +850,17 @@ def run_benchmark(
         isinstance(max_cases, bool) or not isinstance(max_cases, int) or max_cases < 1
     ):
         raise InputError(f"max_cases: expected a positive integer, got {max_cases!r}")
+    if init not in ("benchmark", "model"):
+        raise InputError(f"init: expected 'benchmark' or 'model', got {init!r}")
+    if init == "model" and model is None:
+        raise InputError("init='model' needs the trained model (model=MODEL_DIR, --model)")
+    if init != "model" and (model is not None or allow_new_patient):
+        raise InputError("model / allow_new_patient: only with init='model' (--init model)")
+    if init == "model" and levels is not None:
+        raise InputError(
+            "levels: with init='model' the network gives one initial pose per case; the perturbation levels "
+            "do not apply"
+        )
     dev = _resolve_device(device)
 
     bench_path = Path(bench_path)
@@ -844,6 +873,13 @@ def run_benchmark(
     k_inits = bench.inits_per_level
 
     volume, ct_origin = load_benchmark_ct(bench, ct)
+    initializer = None
+    if init == "model":
+        from ..learning import NetworkInitializer
+
+        initializer = NetworkInitializer(
+            model, volume, bench.intrinsics, allow_new_patient=allow_new_patient, device=dev
+        )
     renderer = VolumeRenderer(volume, physics).to(dev)  # type: ignore[arg-type]
     ct_file = Path(ct_origin) if Path(ct_origin).is_file() else None  # None: the bundled CT
     for name in names:
@@ -856,13 +892,17 @@ def run_benchmark(
 
     started = datetime.now(timezone.utc)
     t_start = time.perf_counter()
-    total = len(case_ids) * len(level_ids) * k_inits * len(names)
+    runs_per_case = 1 if initializer is not None else len(level_ids) * k_inits
+    total = len(case_ids) * runs_per_case * len(names)
     if progress is not None:
         progress(0, total)
     if warmup:
         first = bench[case_ids[0]]
         target0 = first.image[None].to(device=dev, dtype=torch.float32)
-        init0 = first.inits[level_ids[0], 0][None].to(device=dev, dtype=torch.float32)
+        if initializer is not None:
+            init0 = initializer(first.image).pose.to(device=dev, dtype=torch.float32)
+        else:
+            init0 = first.inits[level_ids[0], 0][None].to(device=dev, dtype=torch.float32)
         for name in names:
             if getattr(table[name], "warmup", True) is False:
                 continue
@@ -874,40 +914,57 @@ def run_benchmark(
 
     records: list[CaseResult] = []
     done = 0
+
+    def run_methods(
+        ci: int, target: torch.Tensor, start: torch.Tensor, truth: torch.Tensor, label: str, extra: dict
+    ) -> None:
+        nonlocal done
+        # scored from the pose the methods receive (float32), so an unmoved pose scores exactly this
+        initial = float(mtre(start.double().cpu(), truth, landmarks)[0])
+        for name in names:
+            records.append(
+                _run_one(
+                    table[name],
+                    name,
+                    renderer,
+                    target,
+                    intr,
+                    start,
+                    truth,
+                    landmarks,
+                    radius,
+                    seed=seed,
+                    device=dev,
+                    case=f"{ci:04d}",
+                    level=label,
+                    initial_mtre=initial,
+                    extra=dict(extra),
+                )
+            )
+            done += 1
+            if progress is not None:
+                progress(done, total)
+
     for ci in case_ids:
         case = bench[ci]
         target = case.image[None].to(device=dev, dtype=torch.float32)
         truth = case.pose[None]
+        if initializer is not None:
+            net = initializer(case.image)
+            start = net.pose.to(device=dev, dtype=torch.float32)
+            extra = {"case_index": ci, "level_index": None, "init_index": None, "init": "model"}
+            extra.update(_initial_errors(start, truth, landmarks, intr, radius))
+            extra["network_seconds"] = net.seconds
+            run_methods(ci, target, start, truth, NETWORK_LEVEL, extra)
+            continue
         for li in level_ids:
             rot, trans = level_values[li]
             label = level_label(rot, trans)
             for k in range(k_inits):
-                init = case.inits[li, k][None].to(device=dev, dtype=torch.float32)
-                # scored from the pose the methods receive (float32), so an unmoved pose scores exactly this
-                initial = float(mtre(init.double().cpu(), truth, landmarks)[0])
-                for name in names:
-                    records.append(
-                        _run_one(
-                            table[name],
-                            name,
-                            renderer,
-                            target,
-                            intr,
-                            init,
-                            truth,
-                            landmarks,
-                            radius,
-                            seed=seed,
-                            device=dev,
-                            case=f"{ci:04d}",
-                            level=label,
-                            initial_mtre=initial,
-                            extra={"case_index": ci, "level_index": li, "init_index": k},
-                        )
-                    )
-                    done += 1
-                    if progress is not None:
-                        progress(done, total)
+                start = case.inits[li, k][None].to(device=dev, dtype=torch.float32)
+                run_methods(
+                    ci, target, start, truth, label, {"case_index": ci, "level_index": li, "init_index": k}
+                )
 
     metadata = {
         "bench_file": str(bench_path.resolve()),
@@ -925,6 +982,7 @@ def run_benchmark(
         },
         "physics": physics,
         "seed": seed,
+        "init": init,
         "levels": [
             {
                 "index": li,
@@ -933,9 +991,11 @@ def run_benchmark(
                 "label": level_label(*level_values[li]),
             }
             for li in level_ids
-        ],
+        ]
+        if initializer is None
+        else [{"index": None, "rotation_deg": None, "translation_mm": None, "label": NETWORK_LEVEL}],
         "cases": case_ids,
-        "inits_per_level": k_inits,
+        "inits_per_level": k_inits if initializer is None else 1,
         "runs": len(records),
         "warmup": warmup,
         "landmarks": int(landmarks.shape[0]),
@@ -945,7 +1005,74 @@ def run_benchmark(
         "started_utc": started.isoformat(timespec="seconds"),
         "total_seconds": time.perf_counter() - t_start,
     }
+    if initializer is not None:
+        metadata["model"] = _model_summary(initializer, model)
     return BenchmarkResults(records, metadata)
+
+
+def _initial_errors(
+    start: torch.Tensor, truth: torch.Tensor, landmarks: torch.Tensor, intr: Any, radius: float
+) -> dict[str, Any]:
+    """The network pose's errors (``extra`` keys ``initial_*``) and the pose itself."""
+    pose = start.detach().double().cpu()
+    e = pose_errors(pose, truth, landmarks, intr, radius_mm=radius)
+    out: dict[str, Any] = {
+        "initial_rot_deg": float(e.rot_deg[0]),
+        "initial_trans_mm": float(e.trans_mm[0]),
+        "initial_mpd_mm": None if e.mpd_mm is None else float(e.mpd_mm[0]),
+        "initial_mrpe_px": None if e.mrpe_px is None else float(e.mrpe_px[0]),
+        "initial_dgeo_mm": None if e.dgeo_mm is None else float(e.dgeo_mm[0]),
+        "initial_rot_deg_xyz": [float(v) for v in e.rot_deg_xyz[0]],
+        "initial_trans_mm_xyz": [float(v) for v in e.trans_mm_xyz[0]],
+        "initial_pose": pose[0].tolist(),
+    }
+    return out
+
+
+def _model_summary(initializer: Any, model: Any) -> dict[str, Any]:
+    card = initializer.trained.card
+    cfg = card.get("model_config", {})
+    return {
+        "path": str(initializer.trained.path) if initializer.trained.path is not None else str(model),
+        "kind": card.get("kind", "patient-specific"),
+        "patient_agnostic": bool(card.get("patient_agnostic", False)),
+        "backbone": cfg.get("backbone"),
+        "image_size": cfg.get("image_size"),
+        "steps_done": card.get("steps_done"),
+        "wall_time_s": card.get("wall_time_s"),
+        "stopped_by": card.get("stopped_by"),
+        "card_problems": list(initializer.problems),
+    }
+
+
+def _network_records(results: Sequence[CaseResult]) -> list[CaseResult]:
+    """One record per case of a ``init="model"`` run: the network's initial pose scored as a result (its errors
+    from ``extra``, ``seconds`` = the network's time), for the report's network table."""
+    out: dict[str, CaseResult] = {}
+    for r in results:
+        x = r.extra
+        if x.get("init") != "model" or r.case in out:
+            continue
+        xyz = {
+            k: tuple(x[k]) if x.get(k) is not None else None
+            for k in ("initial_rot_deg_xyz", "initial_trans_mm_xyz")
+        }
+        out[r.case] = CaseResult(
+            case=r.case,
+            level=r.level,
+            method="network (initial pose)",
+            mtre_mm=r.initial_mtre_mm if r.initial_mtre_mm is not None else math.nan,
+            mpd_mm=x.get("initial_mpd_mm"),
+            mrpe_px=x.get("initial_mrpe_px"),
+            rot_deg=x.get("initial_rot_deg"),
+            trans_mm=x.get("initial_trans_mm"),
+            rot_deg_xyz=xyz["initial_rot_deg_xyz"],  # type: ignore[arg-type]
+            trans_mm_xyz=xyz["initial_trans_mm_xyz"],  # type: ignore[arg-type]
+            dgeo_mm=x.get("initial_dgeo_mm"),
+            initial_mtre_mm=r.initial_mtre_mm,
+            seconds=x.get("network_seconds"),
+        )
+    return list(out.values())
 
 
 def _run_one(
@@ -1166,6 +1293,12 @@ def report_markdown(results: Sequence[CaseResult], metadata: Mapping[str, Any] |
             f"{machine.get('torch_threads', '?')}; xraypose {meta.get('xraypose_version', '?')}",
         ]
         lines += [_peer_line(name, info) for name, info in (meta.get("peer_methods") or {}).items()]
+        if meta.get("init") == "model":
+            m = meta.get("model") or {}
+            lines.append(
+                f"- initial poses: the network `{m.get('path', '?')}` ({m.get('kind', '?')}, {m.get('backbone', '?')} "
+                f"at {m.get('image_size', '?')} px, {m.get('steps_done', '?')} steps), one per case"
+            )
         lines.append("")
     lines += ["## Initial error per level", "", "| level | runs | initial mTRE median (mm) | mean (mm) |"]
     lines.append("|---|---:|---:|---:|")
@@ -1176,6 +1309,17 @@ def report_markdown(results: Sequence[CaseResult], metadata: Mapping[str, Any] |
         med = "—" if st is None else f"{st.median:.2f}"
         mean = "—" if st is None else f"{st.mean:.2f}"
         lines.append(f"| {lv or '—'} | {s.n_cases} | {med} | {mean} |")
+    network = _network_records(results)
+    if network:
+        lines += [
+            "",
+            "## Network initial pose",
+            "",
+            "The trained network's pose of each case before refinement, scored like a method (s/case is the "
+            "network's time: preprocessing and forward pass).",
+            "",
+            _summary_table(_overall_summaries(network), per_axis=True).rstrip("\n"),
+        ]
     lines += [
         "",
         "## Results per method and level",

@@ -1,4 +1,5 @@
-"""Learning: a patient-specific pose regression network (DiffPose-style), its training data and training."""
+"""Learning: a patient-specific pose regression network (DiffPose-style), its training data and training; ProST's
+learned similarity and its double-backward training."""
 
 from .augment import AugmentConfig, augment
 from .data import (
@@ -19,6 +20,23 @@ from .model import (
     available_backbones,
     sinusoidal_position_embedding_2d,
 )
+from .similarity import (
+    LearnedSimilarity,
+    PreparedVolume,
+    SimilarityConfig,
+    direction_loss,
+    geodesic_direction,
+    prepare_volume,
+)
+from .similarity_training import (
+    PairBatch,
+    SimilarityTrainingConfig,
+    SimilarityTrainingResult,
+    TrainedSimilarity,
+    load_similarity,
+    sample_pairs,
+    train_similarity,
+)
 from .training import (
     TrainedModel,
     TrainingConfig,
@@ -33,26 +51,39 @@ from .training import (
 __all__ = [
     "AugmentConfig",
     "GaussianPoseDistribution",
+    "LearnedSimilarity",
+    "PairBatch",
     "PoseBatch",
     "PoseDataStream",
     "PoseNormalizer",
     "PoseOutput",
     "PoseRegressor",
     "PoseRegressorConfig",
+    "PreparedVolume",
+    "SimilarityConfig",
+    "SimilarityTrainingConfig",
+    "SimilarityTrainingResult",
     "SpatialSelfAttention",
     "TrainedModel",
+    "TrainedSimilarity",
     "TrainingConfig",
     "TrainingResult",
     "augment",
     "available_backbones",
     "check_model_card",
     "ct_sha256",
+    "direction_loss",
+    "geodesic_direction",
+    "load_similarity",
     "load_trained_model",
     "pose_losses",
     "pose_to_target",
+    "prepare_volume",
     "reference_frame",
+    "sample_pairs",
     "sinusoidal_position_embedding_2d",
     "standardize",
     "target_to_pose",
     "train",
+    "train_similarity",
 ]

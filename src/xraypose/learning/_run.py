@@ -8,6 +8,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ __all__ = [
     "rng_state",
     "save_checkpoint",
     "versions",
+    "warmup_cosine",
 ]
 
 
@@ -177,3 +179,13 @@ def progress_bar(label: str, *, enabled: bool, rate_unit: str = "img/s") -> Any:
         console=Console(stderr=True),
         disable=not enabled,
     )
+
+
+def warmup_cosine(step: int, steps: int, warmup_steps: int, final_fraction: float) -> float:
+    """Learning-rate factor of ``step``: linear warm-up to 1 over ``warmup_steps``, then a cosine decay to
+    ``final_fraction`` at the last step."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, steps - warmup_steps - 1)
+    t = min(1.0, (step - warmup_steps) / span)
+    return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * t))

@@ -61,6 +61,7 @@ from ._run import (
     rng_state,
     save_checkpoint,
     versions,
+    warmup_cosine,
 )
 from .augment import AugmentConfig, augment
 from .data import (
@@ -244,11 +245,7 @@ class TrainingConfig:
 
     def lr_factor(self, step: int) -> float:
         """Learning rate of ``step`` relative to :attr:`lr` (warm-up, then cosine to ``final_lr_fraction``)."""
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        span = max(1, self.steps - self.warmup_steps - 1)
-        t = min(1.0, (step - self.warmup_steps) / span)
-        return self.final_lr_fraction + (1 - self.final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * t))
+        return warmup_cosine(step, self.steps, self.warmup_steps, self.final_lr_fraction)
 
 
 @dataclass

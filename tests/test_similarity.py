@@ -137,10 +137,12 @@ def test_direction_loss_is_zero_along_the_geodesic(ct, intr):
     assert away["loss"].item() == pytest.approx(4.0, abs=1e-5)
 
 
-def test_double_backward_gradient_against_finite_differences(ct, intr):
+@pytest.mark.parametrize("limits", ["corners", "box"])
+def test_double_backward_gradient_against_finite_differences(ct, intr, limits):
     """d(direction loss)/d(network weights), which runs through ∂S/∂pose taken with create_graph=True, equals
-    central finite differences of the loss (float64, tiny volume, network and detector)."""
+    central finite differences of the loss (float64, tiny volume, network and detector), for both limits."""
     tiny = SimilarityConfig(
+        limits=limits,
         image_size=8,
         n_samples=6,
         volume_size=5,

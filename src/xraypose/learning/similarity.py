@@ -47,11 +47,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import FileFormatError, InputError
-from ..geometry.camera import Camera
+from ..geometry.camera import Camera, Intrinsics
 from ..geometry.se3 import compose, invert, se3_exp, se3_log, transform_points
 from ..io.attenuation import AttenuationModel
 from ..io.volume import Volume
 from ..render.drr import downsample_volume
+from ..render.engine import double_differentiable
 from ..render.projective import ProjectiveGrid, projective_transform
 from ._config import dataclass_from_dict
 
@@ -376,7 +377,7 @@ def direction_loss(
     model: LearnedSimilarity,
     features: torch.Tensor,
     affine: torch.Tensor,
-    camera_intrinsics: Any,
+    camera_intrinsics: Intrinsics,
     fixed: torch.Tensor,
     start: torch.Tensor,
     truth: torch.Tensor,
@@ -402,8 +403,9 @@ def direction_loss(
     P, Pinv = pivot_frames(start, pivot_world.to(dtype))
     xi = torch.zeros(start.shape[0], 6, dtype=dtype, device=start.device, requires_grad=True)
     pose = compose(start, P, se3_exp(xi), Pinv)
-    sim = model(features, affine, Camera(camera_intrinsics, pose), fixed)
-    (grad,) = torch.autograd.grad(sim.sum(), xi, create_graph=True)
+    with double_differentiable():  # every render on the twice-differentiable path
+        sim = model(features, affine, Camera(camera_intrinsics, pose), fixed)
+        (grad,) = torch.autograd.grad(sim.sum(), xi, create_graph=True)
     descent = -grad
     cos_t = _cos(descent[:, :3], target[:, :3])
     cos_r = _cos(descent[:, 3:], target[:, 3:])

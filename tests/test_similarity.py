@@ -194,26 +194,31 @@ class _Full(torch.nn.Module):
 
 
 def test_a_few_steps_reduce_the_direction_loss_on_a_fixed_batch(ct, intr):
-    config = _tconfig(batch_size=4, augment=AugmentConfig(strength=0.0))
-    _, pairs, pivot = _pairs(ct, intr, config)
+    small = replace(SMALL, n_samples=24, volume_size=16, encoder_channels=(8, 8, 8), encoding_channels=8)
+    config = _tconfig(batch_size=3, augment=AugmentConfig(strength=0.0), seed=1)
+    stream = PoseDataStream(ct, intr, image_size=32, batch_size=3, center_world=ct.center_world)
+    pivot = ct.center_world.double()
+    pairs = sample_pairs(stream, config, 0, pivot)
     torch.manual_seed(1)
-    model = LearnedSimilarity(SMALL)
-    vol = prepare_volume(ct, SMALL.volume_size)
-    small_intr = intr.resized(SMALL.image_size)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(20):
+    model = LearnedSimilarity(small)
+    vol = prepare_volume(ct, small.volume_size)
+    small_intr = intr.resized(small.image_size)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def loss() -> torch.Tensor:
         feats = model.feature_volume(vol.volume)
-        terms = direction_loss(
+        return direction_loss(
             model, feats, vol.affine, small_intr, pairs.fixed, pairs.start, pairs.truth, pivot
-        )
+        )["loss"]
+
+    before = loss()
+    for _ in range(8):
         opt.zero_grad()
-        terms["loss"].backward()
+        loss().backward()
         opt.step()
-        losses.append(terms["loss"].item())
-    # the loss of one batch is noisy from step to step (the pose gradient's direction is sensitive): compare
-    # the mean of the last five steps with the start (measured: 1.95 → 0.96)
-    assert sum(losses[-5:]) / 5 < losses[0] - 0.4, losses
+    after = loss().item()
+    # measured 2.19 → 1.40 (seeds 2, 3 of the batch and the initialisation: 1.32 → 0.97, 1.70 → 1.08)
+    assert after < before.item() - 0.3, (before.item(), after)
 
 
 @pytest.fixture(scope="module")

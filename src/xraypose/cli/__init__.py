@@ -368,3 +368,4 @@ from . import benchmark as _benchmark  # noqa: E402,F401
 from . import make_benchmark as _make_benchmark  # noqa: E402,F401
 from . import register as _register  # noqa: E402,F401
 from . import train as _train  # noqa: E402,F401
+from . import train_similarity as _train_similarity  # noqa: E402,F401

@@ -89,7 +89,8 @@ def benchmark_command(
         typer.Option(
             "--method",
             help="Registration method (repeat for several); default diffpose. Peer rows: peer-diffpose "
-            "(DiffPose on DiffDRR), peer-xvr (xvr on nanodrr), peer-xvr-diffdrr; they need --peer-python.",
+            "(DiffPose on DiffDRR), peer-xvr (xvr on nanodrr), peer-xvr-diffdrr; they need --peer-python. "
+            "ProST: prost-cmaes, prost-gncc, prost (learned similarity only); they need --similarity.",
             show_default=False,
         ),
     ] = None,
@@ -109,6 +110,13 @@ def benchmark_command(
         str | None, typer.Option(help="Torch device, e.g. 'cpu' or 'cuda' (default: CUDA when available).")
     ] = None,
     force: Annotated[bool, typer.Option(help="Overwrite result files in --out.")] = False,
+    similarity: Annotated[
+        Path | None,
+        typer.Option(
+            "--similarity",
+            help="A train-similarity folder (trained on the benchmark's CT) for the prost-* methods.",
+        ),
+    ] = None,
     peer_python: Annotated[
         Path | None,
         typer.Option(
@@ -185,9 +193,24 @@ def benchmark_command(
         if seed < 0:
             raise InputError(f"--seed: expected a non-negative integer, got {seed}")
         table = dict(runner.default_method_table())
+        from ..registration.prost import PROST_METHODS, prost_method_table
+
+        prost = [m for m in methods if m in PROST_METHODS and m not in table]
+        if prost and similarity is None:
+            raise InputError(
+                f"--method {prost[0]}: the ProST methods need --similarity DIR (a 'xraypose train-similarity' "
+                "folder trained on the benchmark's CT)"
+            )
+        if similarity is not None and not prost:
+            raise InputError(
+                "--similarity: only for the ProST methods (--method prost-cmaes, prost-gncc, prost)"
+            )
+        if prost:
+            assert similarity is not None
+            table.update(prost_method_table(similarity, prost))
         unknown = [m for m in methods if m not in table and m not in runner.PEER_METHODS]
         if unknown:
-            known = ", ".join(sorted(set(table) | set(runner.PEER_METHODS)))
+            known = ", ".join(sorted(set(table) | set(runner.PEER_METHODS) | set(PROST_METHODS)))
             raise InputError(f"--method: unknown method(s) {', '.join(unknown)}; choose from {known}")
         peers = [m for m in methods if m in runner.PEER_METHODS and m not in table]
         given = [

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -22,6 +23,12 @@ from . import _check_out, _fail, _load_pose, app, console
 class RegisterPhysics(str, Enum):
     mono = "mono"
     poly = "poly"
+
+
+class Refine(str, Enum):
+    cmaes = "cmaes"
+    gncc = "gncc"
+    none = "none"
 
 
 class Polarity(str, Enum):
@@ -98,6 +105,19 @@ def register_command(
             "256 px level: more accurate, about twice the time)."
         ),
     ] = "default",
+    similarity: Annotated[
+        Path | None,
+        typer.Option(
+            "--similarity",
+            help="A train-similarity folder: descend ProST's learned similarity first, then --refine.",
+        ),
+    ] = None,
+    refine: Annotated[
+        Refine, typer.Option(help="With --similarity: hand over to CMA-ES, gradient-NCC descent or nothing.")
+    ] = Refine.cmaes,
+    prost_iterations: Annotated[
+        int, typer.Option(help="With --similarity: at most this many learned-similarity steps.")
+    ] = 200,
     force: Annotated[bool, typer.Option(help="Overwrite outputs if they exist.")] = False,
 ) -> None:
     """Register an X-ray to a CT: optimise the C-arm pose from --init (or from the pose a trained --model predicts)
@@ -106,7 +126,7 @@ def register_command(
     from ..geometry.se3 import invert, se3_log
     from ..io import read_volume
     from ..io.images import load_image
-    from ..registration import VolumeRenderer, register
+    from ..registration import VolumeRenderer, register, register_prost
     from ..registration import preset as registration_preset
 
     try:
@@ -153,8 +173,25 @@ def register_command(
         else:
             assert init is not None
             pose0 = _load_pose(init)
-        config = registration_preset(preset) if loss is None else registration_preset(preset, loss=loss)
         renderer = VolumeRenderer(volume, physics.value)
+        prost = None
+        if similarity is not None:
+            from ..learning import check_model_card, load_similarity
+            from ..registration import LearnedSimilarityRenderer, ProSTConfig
+
+            trained = load_similarity(similarity)
+            check_model_card(trained.card, volume, intr)
+            prost = LearnedSimilarityRenderer(trained, volume)
+            prost_config = ProSTConfig(refine=refine.value, iterations=prost_iterations)
+            if loss is not None:
+                prost_config = replace(
+                    prost_config,
+                    cmaes=replace(prost_config.cmaes, loss=loss),
+                    gncc=replace(prost_config.gncc, loss=loss),
+                )
+        elif refine is not Refine.cmaes:
+            raise InputError("--refine: only with --similarity (the ProST pipeline)")
+        config = registration_preset(preset) if loss is None else registration_preset(preset, loss=loss)
         total = sum(s.iterations for s in config.scales)
         if config.search is not None:
             total += config.search.iterations
@@ -162,15 +199,15 @@ def register_command(
             TextColumn("registering"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
             TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), console=console, transient=True,
         ) as bar:  # fmt: skip
-            task = bar.add_task("register", total=total, loss="—")
-            result = register(
-                renderer,
-                target,
-                intr,
-                pose0,
-                config,
-                callback=lambda step, pose: bar.update(task, advance=1, loss=f"{float(step.loss[0]):.4f}"),
-            )
+            task = bar.add_task("register", total=None if prost is not None else total, loss="—")
+
+            def tick(step, pose) -> None:
+                bar.update(task, advance=1, loss=f"{float(step.loss[0]):.4f}")
+
+            if prost is not None:
+                result = register_prost(renderer, target, intr, pose0, prost, prost_config, callback=tick)
+            else:
+                result = register(renderer, target, intr, pose0, config, callback=tick)
         pose = result.pose[0].double()
         delta = invert(pose0[0].double()) @ pose
         record = {
@@ -185,7 +222,9 @@ def register_command(
             "loss": float(result.loss[0]),
             "initial_loss": float(result.initial_loss[0]),
             "loss_spec": config.loss if isinstance(config.loss, str) else "custom",
-            "preset": preset,
+            "preset": preset if prost is None else None,
+            "method": "register" if prost is None else f"prost-{refine.value}",
+            "similarity": None if similarity is None else str(similarity),
             "iterations": result.iterations,
             "seconds": result.seconds,
             "stop_reason": result.stop_reason,

@@ -29,7 +29,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
-import io
 import json
 import math
 import os
@@ -51,6 +50,16 @@ from ..geometry.se3 import double_geodesic_distance, make_transform
 from ..io.volume import Volume
 from ..losses import translation_error_mm
 from ._config import dataclass_from_dict
+from ._run import (
+    ct_sha256,
+    jsonable,
+    load_checkpoint,
+    physical_detector,
+    resume_mismatch,
+    rewrite_log,
+    save_checkpoint,
+    versions,
+)
 from .augment import AugmentConfig, augment
 from .data import (
     PoseDataStream,
@@ -338,34 +347,10 @@ def pose_losses(
 # --------------------------------------------------------------------------------------------------
 
 
-def ct_sha256(ct: Volume) -> str:
-    """SHA-256 (hex) of the CT's voxels as little-endian float32 HU in C order (shape and affine not included)."""
-    data = ct.data.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
-    return hashlib.sha256(data.astype("<f4", copy=False).tobytes()).hexdigest()
 
 
-def _versions() -> dict[str, str]:
-    from .. import __version__
-
-    out = {"xraypose": __version__, "torch": torch.__version__}
-    try:
-        import timm
-
-        out["timm"] = timm.__version__
-    except Exception:  # pragma: no cover - timm is a dependency
-        out["timm"] = "unavailable"
-    return out
 
 
-def _physical_detector(intr: Intrinsics) -> dict[str, float]:
-    """The resolution-independent detector geometry (mm)."""
-    return {
-        "sdd": float(intr.sdd),
-        "width_mm": intr.cols * intr.dx,
-        "height_mm": intr.rows * intr.dy,
-        "x0": float(intr.x0),
-        "y0": float(intr.y0),
-    }
 
 
 class ModelCardWarning(UserWarning):
@@ -477,7 +462,7 @@ def check_model_card(
         if want.shape != (4, 4) or not torch.allclose(want, got, rtol=rtol, atol=1e-6):
             problems.append("CT affine (voxel-to-world placement) differs from the training CT's")
     trained_det = card.get("detector", {})
-    given = _physical_detector(intrinsics)
+    given = physical_detector(intrinsics)
     diffs = [
         f"{k}: trained {trained_det.get(k)!r}, given {v:g}"
         for k, v in given.items()
@@ -629,55 +614,14 @@ def _all_mean(values: torch.Tensor, world: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
-def _save_checkpoint(path: Path, blob: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(blob, tmp)
 
 
-def _load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
-    try:
-        blob = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:
-        raise FileFormatError(
-            f"{path}: cannot read the training checkpoint with torch.load(weights_only=True) ({exc}); delete it "
-            "or train with resume=False"
-        ) from None
-    if not isinstance(blob, dict) or blob.get("format") != _CKPT_FORMAT:
-        raise FileFormatError(f"{path}: not an xraypose training checkpoint")
-    return blob
 
 
-def _resume_mismatch(blob: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
-    out = []
-    for key, want in expected.items():
-        have = blob.get(key)
-        if key == "config" and isinstance(have, Mapping):
-            have = {k: v for k, v in have.items() if k not in _RESUME_FREE}
-            want = {k: v for k, v in want.items() if k not in _RESUME_FREE}
-            diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
-            if diff:
-                out.append("training config (" + ", ".join(diff) + ")")
-        elif have != want:
-            out.append(key)
-    return out
 
 
-def _rewrite_log(path: Path, upto: int | None) -> None:
-    """Start the CSV log (``upto=None``) or keep the rows of steps ``<= upto`` of an existing one."""
-    rows: list[dict[str, str]] = []
-    if upto is not None and path.exists():
-        with path.open(newline="", encoding="utf-8") as f:
-            rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= upto]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=_LOG_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({k: r.get(k, "") for k in _LOG_FIELDS})
-    atomic_write_text(path, buf.getvalue())
 
 
-def _jsonable(x: Any) -> Any:
-    return json.loads(json.dumps(x))
 
 
 def _weights_sha256(model: torch.nn.Module) -> str:
@@ -694,7 +638,7 @@ def _pretrained_summary(pre: TrainedModel) -> dict[str, Any]:
     """What a finetuned model's card records of the model it started from (``pretrained_from``)."""
     card = pre.card
     canonical = json.dumps(card, sort_keys=True, separators=(",", ":")).encode()
-    return _jsonable(
+    return jsonable(
         {
             "path": None if pre.path is None else str(pre.path),
             "card_sha256": hashlib.sha256(canonical).hexdigest(),
@@ -891,7 +835,7 @@ def _train(
         "model_config": dataclasses.replace(model_config, weights=None).to_dict(),
         "ct_sha256": shas[0] if single else shas,
         "intrinsics": intrinsics.to_dict(),
-        "poses": _jsonable(stream.describe()),
+        "poses": jsonable(stream.describe()),
         "init_model": None
         if source_summary is None
         else {k: source_summary[k] for k in ("card_sha256", "weights_sha256")},
@@ -909,8 +853,8 @@ def _train(
     ckpt_path = out / CHECKPOINT
     start, elapsed_before, resumed_from, resumed_loss = 0, 0.0, None, float("nan")
     if resume and ckpt_path.exists():
-        blob = _load_checkpoint(ckpt_path, device)
-        bad = _resume_mismatch(blob, identity)
+        blob = load_checkpoint(ckpt_path, device, _CKPT_FORMAT)
+        bad = resume_mismatch(blob, identity, _RESUME_FREE)
         if bad:
             raise InputError(
                 f"{ckpt_path}: the checkpoint was written by a different training ({', '.join(bad)} differ); "
@@ -943,7 +887,7 @@ def _train(
     writer = None
     tb_note = "disabled in the training config"
     if main:
-        _rewrite_log(log_path, start if resumed_from is not None else None)
+        rewrite_log(log_path, start if resumed_from is not None else None, _LOG_FIELDS)
         if config.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -975,7 +919,7 @@ def _train(
         rng = {"torch": torch.get_rng_state()}
         if device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(device)
-        _save_checkpoint(
+        save_checkpoint(
             ckpt_path,
             {
                 "format": _CKPT_FORMAT,
@@ -1145,7 +1089,7 @@ def _train(
         "format": _CARD_FORMAT,
         "version": 1,
         "created_unix": time.time(),
-        "versions": _versions(),
+        "versions": versions(),
         "kind": kind,
         "patient_agnostic": not single,
         "ct": entries[0] if single else None,
@@ -1161,7 +1105,7 @@ def _train(
             "max_seconds": budget,
         },
         "intrinsics": intrinsics.to_dict(),
-        "detector": _physical_detector(intrinsics),
+        "detector": physical_detector(intrinsics),
         "poses": identity["poses"],
         "normalizer": normalizer.to_dict(),
         "training_config": config.to_dict(),
@@ -1179,7 +1123,7 @@ def _train(
     if main:
         with atomic_path(out / MODEL_FILE) as tmp:
             model.save(tmp, normalizer)
-        atomic_write_text(out / CARD_FILE, json.dumps(_jsonable(card), indent=2))
+        atomic_write_text(out / CARD_FILE, json.dumps(jsonable(card), indent=2))
     if world > 1:
         dist.barrier()
     model.eval()

@@ -12,13 +12,27 @@ from .engine import (
     register,
     search_starts,
 )
+from .prost import (
+    PROST_METHODS,
+    LearnedSimilarityLoss,
+    LearnedSimilarityRenderer,
+    ProSTConfig,
+    ProSTMethod,
+    prost_method_table,
+    register_prost,
+)
 from .renderers import Physics, Renderer, VolumeRenderer
 
 __all__ = [
     "METHODS",
     "PRESETS",
+    "PROST_METHODS",
     "CMAESConfig",
+    "LearnedSimilarityLoss",
+    "LearnedSimilarityRenderer",
     "Physics",
+    "ProSTConfig",
+    "ProSTMethod",
     "RegistrationConfig",
     "RegistrationResult",
     "Renderer",
@@ -27,8 +41,10 @@ __all__ = [
     "Step",
     "VolumeRenderer",
     "preset",
+    "prost_method_table",
     "register",
     "register_cmaes",
     "register_euler_gd",
+    "register_prost",
     "search_starts",
 ]

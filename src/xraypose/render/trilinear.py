@@ -734,7 +734,7 @@ def _sample_trilinear(vol: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
                     * (frac[..., 1] if dj else 1 - frac[..., 1])
                     * (frac[..., 2] if dk else 1 - frac[..., 2])
                 )
-                vals = flat[:, idx.reshape(-1)].reshape(C, *idx.shape)
+                vals = flat.index_select(1, idx.reshape(-1)).reshape(C, *idx.shape)  # deterministic backward
                 out = out + w.unsqueeze(0) * vals
     return out.movedim(0, -1)
 

@@ -181,11 +181,15 @@ def progress_bar(label: str, *, enabled: bool, rate_unit: str = "img/s") -> Any:
     )
 
 
-def warmup_cosine(step: int, steps: int, warmup_steps: int, final_fraction: float) -> float:
+def warmup_cosine(
+    step: int, steps: int, warmup_steps: int, final_fraction: float, position: int | None = None
+) -> float:
     """Learning-rate factor of ``step``: linear warm-up to 1 over ``warmup_steps``, then a cosine decay to
-    ``final_fraction`` at the last step."""
+    ``final_fraction`` at the last step; the decay follows ``position`` instead where it is further along (a
+    wall-clock budget's schedule position)."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
+    pos = step if position is None else max(step, position)
     span = max(1, steps - warmup_steps - 1)
-    t = min(1.0, (step - warmup_steps) / span)
+    t = min(1.0, (pos - warmup_steps) / span)
     return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * t))

@@ -59,6 +59,7 @@ from ._run import (
     rewrite_log,
     save_checkpoint,
     versions,
+    warmup_cosine,
 )
 from .augment import AugmentConfig, augment
 from .data import (
@@ -274,12 +275,7 @@ class TrainingConfig:
         """Learning rate of ``step`` relative to :attr:`lr`: a warm-up over the first ``warmup_steps`` steps,
         then a cosine to ``final_lr_fraction`` at the schedule ``position`` (default ``step``;
         :meth:`schedule_position`)."""
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        pos = step if position is None else max(step, position)
-        span = max(1, self.steps - self.warmup_steps - 1)
-        t = min(1.0, (pos - self.warmup_steps) / span)
-        return self.final_lr_fraction + (1 - self.final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * t))
+        return warmup_cosine(step, self.steps, self.warmup_steps, self.final_lr_fraction, position)
 
 
 @dataclass

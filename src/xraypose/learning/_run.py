@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .._atomic import atomic_path, atomic_write_text
-from ..errors import FileFormatError
+from ..errors import FileFormatError, InputError
 from ..geometry.camera import Intrinsics
 from ..io.volume import Volume
 
@@ -29,6 +29,7 @@ __all__ = [
     "physical_detector",
     "progress_bar",
     "restore_rng",
+    "resume_from_checkpoint",
     "resume_mismatch",
     "rewrite_log",
     "rng_state",
@@ -121,6 +122,37 @@ def resume_mismatch(
         elif have != want:
             out.append(key)
     return out
+
+
+def resume_from_checkpoint(
+    path: Path,
+    device: torch.device,
+    fmt: str,
+    identity: Mapping[str, Any],
+    resume_free: Iterable[str],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+) -> tuple[int, float, int | None, float]:
+    """Load a checkpoint written by the same training into ``model``, ``optimizer``, ``scheduler`` and the
+    RNG; ``(step, elapsed_s, resumed_from, last_loss)``, or ``(0, 0.0, None, nan)`` when there is none.
+
+    A checkpoint of a different training (:func:`resume_mismatch` against ``identity``) is one clear error."""
+    if not path.exists():
+        return 0, 0.0, None, float("nan")
+    blob = load_checkpoint(path, device, fmt)
+    bad = resume_mismatch(blob, identity, resume_free)
+    if bad:
+        raise InputError(
+            f"{path}: the checkpoint was written by a different training ({', '.join(bad)} differ); "
+            "use another output folder or resume=False to start afresh"
+        )
+    model.load_state_dict(blob["model"])
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    restore_rng(blob.get("rng", {}), device)
+    start = int(blob["step"])
+    return start, float(blob["elapsed_s"]), start, float(blob.get("last_loss", float("nan")))
 
 
 def rewrite_log(path: Path, upto: int | None, fields: Sequence[str]) -> None:

@@ -47,11 +47,9 @@ from ._run import (
     ct_record,
     ct_sha256,
     jsonable,
-    load_checkpoint,
     physical_detector,
     progress_bar,
-    restore_rng,
-    resume_mismatch,
+    resume_from_checkpoint,
     rewrite_log,
     rng_state,
     save_checkpoint,
@@ -367,22 +365,10 @@ def train_similarity(
 
     ckpt_path = out / CHECKPOINT
     start, elapsed_before, resumed_from, last_loss = 0, 0.0, None, float("nan")
-    if resume and ckpt_path.exists():
-        blob = load_checkpoint(ckpt_path, device, _CKPT_FORMAT)
-        bad = resume_mismatch(blob, identity, _RESUME_FREE)
-        if bad:
-            raise InputError(
-                f"{ckpt_path}: the checkpoint was written by a different training ({', '.join(bad)} differ); "
-                "use another output folder or resume=False to start afresh"
-            )
-        model.load_state_dict(blob["model"])
-        opt.load_state_dict(blob["optimizer"])
-        sched.load_state_dict(blob["scheduler"])
-        start = int(blob["step"])
-        elapsed_before = float(blob["elapsed_s"])
-        resumed_from = start
-        last_loss = float(blob.get("last_loss", float("nan")))
-        restore_rng(blob.get("rng", {}), device)
+    if resume:
+        start, elapsed_before, resumed_from, last_loss = resume_from_checkpoint(
+            ckpt_path, device, _CKPT_FORMAT, identity, _RESUME_FREE, model, opt, sched
+        )
     log_path = out / LOG_FILE
     rewrite_log(log_path, start if resumed_from is not None else None, _LOG_FIELDS)
 

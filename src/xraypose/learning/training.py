@@ -53,9 +53,8 @@ from ._config import dataclass_from_dict
 from ._run import (
     ct_sha256,
     jsonable,
-    load_checkpoint,
     physical_detector,
-    resume_mismatch,
+    resume_from_checkpoint,
     rewrite_log,
     save_checkpoint,
     versions,
@@ -848,26 +847,10 @@ def _train(
 
     ckpt_path = out / CHECKPOINT
     start, elapsed_before, resumed_from, resumed_loss = 0, 0.0, None, float("nan")
-    if resume and ckpt_path.exists():
-        blob = load_checkpoint(ckpt_path, device, _CKPT_FORMAT)
-        bad = resume_mismatch(blob, identity, _RESUME_FREE)
-        if bad:
-            raise InputError(
-                f"{ckpt_path}: the checkpoint was written by a different training ({', '.join(bad)} differ); "
-                "use another output folder or resume=False to start afresh"
-            )
-        model.load_state_dict(blob["model"])
-        opt.load_state_dict(blob["optimizer"])
-        sched.load_state_dict(blob["scheduler"])
-        start = int(blob["step"])
-        elapsed_before = float(blob["elapsed_s"])
-        resumed_from = start
-        resumed_loss = float(blob.get("last_loss", float("nan")))
-        rng = blob.get("rng", {})
-        if "torch" in rng:
-            torch.set_rng_state(rng["torch"].cpu())
-        if device.type == "cuda" and rng.get("cuda") is not None:
-            torch.cuda.set_rng_state(rng["cuda"].cpu(), device)
+    if resume:
+        start, elapsed_before, resumed_from, resumed_loss = resume_from_checkpoint(
+            ckpt_path, device, _CKPT_FORMAT, identity, _RESUME_FREE, model, opt, sched
+        )
 
     ddp: torch.nn.Module = model
     if world > 1:

@@ -26,6 +26,7 @@ import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -222,6 +223,19 @@ def build(spec: dict[str, Any]) -> Callable[[], torch.Tensor]:
     if spec["renderer"] == "nanodrr":
         return _build_nanodrr(spec)
     raise ValueError(f"unknown peer renderer {spec['renderer']!r}")
+
+
+def peer_modules(python: str) -> dict[str, bool]:
+    """Which peer renderers (diffdrr, nanodrr) the interpreter ``python`` can import (run on the xraypose side)."""
+    code = (
+        "import importlib.util as u, json; "
+        "print(json.dumps({m: u.find_spec(m) is not None for m in ('diffdrr', 'nanodrr')}))"
+    )
+    try:
+        out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return {"diffdrr": False, "nanodrr": False}
 
 
 if __name__ == "__main__":

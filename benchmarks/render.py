@@ -253,18 +253,6 @@ def _importable(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def _peer_modules(python: str) -> dict[str, bool]:
-    code = (
-        "import importlib.util as u, json; "
-        "print(json.dumps({m: u.find_spec(m) is not None for m in ('diffdrr', 'nanodrr')}))"
-    )
-    try:
-        out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120, check=True)
-        return json.loads(out.stdout.strip().splitlines()[-1])
-    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
-        return {"diffdrr": False, "nanodrr": False}
-
-
 def run_worker(
     renderer: str, spec: dict[str, Any], python: str | None, isolate: bool, timeout: float, tmp: Path
 ) -> tuple[dict[str, Any], np.ndarray | None]:
@@ -314,7 +302,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         patterns = [p.strip() for p in args.cases.split(",") if p.strip()]
         cases = [c for c in cases if any(fnmatch.fnmatch(c.id, p) for p in patterns)]
     if args.peer_python:
-        have = _peer_modules(args.peer_python)
+        have = pw.peer_modules(args.peer_python)
         peer_python: dict[str, str | None] = {m: args.peer_python if ok else None for m, ok in have.items()}
     else:
         peer_python = {m: (sys.executable if _importable(m) else None) for m in ("diffdrr", "nanodrr")}

@@ -193,18 +193,6 @@ def base_spec(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _peer_modules(python: str) -> dict[str, bool]:
-    code = (
-        "import importlib.util as u, json; "
-        "print(json.dumps({m: u.find_spec(m) is not None for m in ('diffdrr', 'nanodrr')}))"
-    )
-    try:
-        out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120, check=True)
-        return json.loads(out.stdout.strip().splitlines()[-1])
-    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
-        return {"diffdrr": False, "nanodrr": False}
-
-
 def run_loop(cmd: list[str], spec: dict[str, Any], tag: str, tmp: Path, timeout: float) -> dict[str, Any]:
     spec = dict(spec, out_json=str(tmp / f"{tag}.json"))
     spec_path = tmp / f"{tag}-spec.json"
@@ -224,7 +212,10 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
     spec = base_spec(args)
     loops = [] if args.no_peers else PEER_LOOPS[args.peer_renderer]
     if args.peer_python:
-        have = _peer_modules(args.peer_python)
+        sys.path.insert(0, str(HERE))
+        from _peer_worker import peer_modules
+
+        have = peer_modules(args.peer_python)
         python = {m: args.peer_python if ok else None for m, ok in have.items()}
     else:
         python = {

@@ -16,6 +16,7 @@ from xraypose.io import load_default_ct
 from xraypose.metrics import mtre
 from xraypose.registration import RegistrationConfig, RegistrationResult, Scale, VolumeRenderer, baselines
 from xraypose.registration.baselines import METHODS, CMAESConfig, register_cmaes, register_euler_gd
+from xraypose.registration.engine import _loss_fn
 
 # 64² target; CMA-ES at 16 px (population 20), BOBYQA at 32 px
 FAST = CMAESConfig(population=20, generations=25, downsample=4, local_downsample=2, local_evaluations=60)
@@ -164,11 +165,21 @@ def test_euler_gd_rotates_about_the_source_and_reduces_the_error(scene, monkeypa
 
 
 def test_registry_methods_share_one_signature():
-    assert set(METHODS) == {"diffpose", "diffpose-fine", "cmaes", "euler-gd"}
+    assert set(METHODS) == {"diffpose", "diffpose-fine", "cmaes", "euler-gd", "none"}
     for method in METHODS.values():
         params = inspect.signature(method).parameters
         assert list(params)[:4] == ["renderer", "target", "intrinsics", "init_pose"]
         assert params["seed"].kind is inspect.Parameter.KEYWORD_ONLY and params["seed"].default == 0
+
+
+def test_none_method_returns_the_initial_pose_scored(scene):
+    renderer, intr, _truth, target, init, _ = scene
+    result = METHODS["none"](renderer, target, intr, init)
+    assert torch.equal(result.pose, init) and result.iterations == 0 and result.stop_reason == "none"
+    expected = _loss_fn(RegistrationConfig().loss)(renderer(Camera(intr, init)), target)
+    assert torch.allclose(result.loss, expected) and torch.equal(result.loss, result.initial_loss)
+    with pytest.raises(InputError, match="target"):
+        METHODS["none"](renderer, target[:, :10], intr, init)
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from xraypose.errors import InputError
+from xraypose.geometry import Camera, Intrinsics
 from xraypose.geometry.se3 import invert, se3_exp, se3_log, transform_points
 from xraypose.io import load_default_ct
+from xraypose.losses import ImageLoss
 from xraypose.metrics import mtre
 from xraypose.registration import (
     RegistrationConfig,
@@ -163,3 +165,55 @@ def test_presets():
         preset("best")
     with pytest.raises(InputError, match="preset 'fine'"):
         preset("fine", colour="red")
+
+
+def test_per_level_physics_renders_the_last_level_polychromatically(scene):
+    renderer, intr, truth, target, init, landmarks = scene
+    poly = renderer.with_physics("poly")
+    assert poly is renderer.with_physics("poly") and poly.physics == "poly"
+    assert renderer.with_physics("mono") is renderer and poly.with_physics("mono") is renderer
+    # the view is the polychromatic renderer of the same CT
+    ref = VolumeRenderer(load_default_ct(with_labels=False), "poly")
+    small = intr.resized(32, 32)
+    with torch.no_grad():
+        assert torch.allclose(poly(Camera(small, truth)), ref(Camera(small, truth)))
+    config = RegistrationConfig(
+        scales=(Scale(32, 40, 2e-2, 2.0), Scale(64, 20, 5e-3, 0.5, physics="poly")), search=None
+    )
+    result = register(renderer, target[:1], intr, init[:1], config)
+    assert float(mtre(result.pose, truth[:1], landmarks)[0]) < 1.0
+    # the reported loss is the polychromatic one at the last level, not the monochromatic one
+    loss_fn = ImageLoss.parse(config.loss)
+    tgt = torch.nn.functional.interpolate(target[:1, None], size=(64, 64), mode="area")[:, 0]
+    with torch.no_grad():
+        camera = Camera(intr.resized(64, 64), result.pose)
+        expected, mono = loss_fn(poly(camera), tgt), loss_fn(renderer(camera), tgt)
+    assert torch.allclose(result.loss, expected, atol=1e-5) and not torch.allclose(result.loss, mono, atol=1e-5)
+
+
+def test_per_level_physics_guards():
+    with pytest.raises(InputError, match="physics"):
+        Scale(32, 10, physics="spectral")
+    vol = load_default_ct(with_labels=False)
+    with pytest.raises(InputError, match="spectrum"):
+        VolumeRenderer(vol, "mono", spectrum=None)
+    intr = Intrinsics(sdd=1020.0, rows=16, cols=16, dy=19.2, dx=19.2)
+    plain = VolumeRenderer(vol)
+
+    def bare(camera, pixels=None):  # a renderer without with_physics
+        return plain(camera, pixels)
+
+    pose = _pivot_pose(vol)
+    with torch.no_grad():
+        target = plain(Camera(intr, pose))
+    config = RegistrationConfig(scales=(Scale(16, 2, physics="poly"),), search=None)
+    with pytest.raises(InputError, match="with_physics"):
+        register(bare, target, intr, pose, config)
+
+
+def _pivot_pose(vol):
+    from xraypose.geometry import carm_pose
+
+    return carm_pose(
+        torch.tensor([0.0]), torch.tensor([0.0]), 0.0, source_to_isocenter=620.0, isocenter=vol.center_world.float()
+    )

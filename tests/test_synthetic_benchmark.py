@@ -352,6 +352,10 @@ def test_cli_make_benchmark(tmp_path: Path) -> None:
     ref = read_synthetic_benchmark(api)
     assert torch.equal(ref.poses, bench.poses) and torch.equal(ref.images, bench.images)
 
+    custom = tmp_path / "levels.h5"
+    assert invoke(*args, "--levels", "10/20, 30/60", "--out", custom).exit_code == 0
+    assert read_synthetic_benchmark(custom).levels.tolist() == [[10.0, 20.0], [30.0, 60.0]]
+
     before = out.read_bytes()
     assert_user_error(invoke(*args, "--out", out), "--force", str(out))
     assert out.read_bytes() == before
@@ -367,6 +371,8 @@ def test_cli_make_benchmark(tmp_path: Path) -> None:
         (("--size", 0), ("--size",)),
         (("--seed", -2), ("--seed",)),
         (("--out", "bench.txt"), ("bench.txt", ".h5")),
+        (("--levels", "10/20,30"), ("--levels", "'30'")),
+        (("--levels", "10/20,200/40"), ("levels", "180")),
     ],
 )
 def test_cli_errors(tmp_path: Path, extra: tuple, needles: tuple) -> None:

@@ -29,6 +29,22 @@ def _find_label_names(labels: Path | None) -> Path | None:
     return None
 
 
+def _parse_levels(text: str) -> tuple[tuple[float, float], ...]:
+    """``'10/20,20/40'`` → ``((10.0, 20.0), (20.0, 40.0))``; a clear error naming the bad entry."""
+    pairs = []
+    for item in text.split(","):
+        parts = item.strip().split("/")
+        try:
+            if len(parts) != 2:
+                raise ValueError
+            pairs.append((float(parts[0]), float(parts[1])))
+        except ValueError:
+            raise InputError(
+                f"--levels: expected 'degrees/mm' pairs separated by commas (e.g. '10/20,20/40'), got {item!r}"
+            ) from None
+    return tuple(pairs)
+
+
 @app.command("make-benchmark")
 def make_benchmark(
     ct: Annotated[
@@ -49,10 +65,22 @@ def make_benchmark(
     out: Annotated[Path, typer.Option("--out", help="Output HDF5 file (.h5 or .hdf5).")] = Path("bench.h5"),
     size: Annotated[int, typer.Option(help="Detector rows and columns, pixels (mobile C-arm panel).")] = 256,
     inits_per_level: Annotated[int, typer.Option(help="Initial poses per case and perturbation level.")] = 1,
+    levels: Annotated[
+        str | None,
+        typer.Option(
+            help="Perturbation levels of the initial poses, 'degrees/mm' pairs separated by commas, e.g. "
+            "'10/20,20/40,30/60' [default: 2/5,5/10,10/20,20/40]."
+        ),
+    ] = None,
     force: Annotated[bool, typer.Option(help="Overwrite --out if it exists.")] = False,
 ) -> None:
     """Write a synthetic 2D/3D registration benchmark: random C-arm poses, target images, landmarks, inits."""
-    from ..datasets.synthetic import make_synthetic_benchmark, mobile_carm_intrinsics, read_label_names
+    from ..datasets.synthetic import (
+        DEFAULT_LEVELS,
+        make_synthetic_benchmark,
+        mobile_carm_intrinsics,
+        read_label_names,
+    )
     from ..io import read_volume
 
     start = time.perf_counter()
@@ -66,6 +94,7 @@ def make_benchmark(
             raise InputError(f"--inits-per-level: expected a positive integer, got {inits_per_level}")
         if size < 1:
             raise InputError(f"--size: expected a positive integer pixel count, got {size}")
+        level_pairs = DEFAULT_LEVELS if levels is None else _parse_levels(levels)
         intr = mobile_carm_intrinsics(size)
         names_file = label_names if label_names is not None else _find_label_names(labels)
         names = read_label_names(names_file) if names_file is not None else None
@@ -90,6 +119,7 @@ def make_benchmark(
                 out,
                 intrinsics=intr,
                 inits_per_level=inits_per_level,
+                levels=level_pairs,
                 label_names=names,
                 progress=progress,
                 force=force,

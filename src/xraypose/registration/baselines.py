@@ -17,6 +17,8 @@ run with its defaults):
   (Grupp et al.): CMA-ES over the 6 pose parameters at 8× detector downsampling (population 100,
   σ = 15°, 15°, 30°, 50, 50, 100 mm), then BOBYQA (nlopt ``LN_BOBYQA``) from the best pose at 4×
   downsampling. Each CMA-ES generation is rendered as one batched call.
+- ``"none"``: no refinement: the initial pose itself, scored by the default loss on the whole detector. It
+  measures an initialiser on its own (e.g. ``xraypose benchmark --init model --method none``).
 - ``"euler-gd"``: :func:`register_euler_gd`, the naive gradient method — the same engine and schedule with
   ZYX Euler angles rotating about the X-ray source (the camera origin) instead of the anatomy, so rotation
   and translation are strongly coupled.
@@ -568,10 +570,37 @@ def _euler_gd_method(
     return register_euler_gd(renderer, target, intrinsics, init_pose, RegistrationConfig(seed=seed))
 
 
+def _no_refinement_method(
+    renderer: Renderer,
+    target: torch.Tensor,
+    intrinsics: Intrinsics,
+    init_pose: torch.Tensor,
+    *,
+    seed: int = 0,
+) -> RegistrationResult:
+    """The initial pose unchanged (no steps), scored by the default loss at the full detector."""
+    del seed  # deterministic
+    start = time.perf_counter()
+    target, init_pose = _check_problem(target, intrinsics, init_pose)
+    loss_fn = _loss_fn(RegistrationConfig().loss)
+    with torch.no_grad():
+        loss = loss_fn(renderer(Camera(intrinsics, init_pose)), target).to(init_pose.dtype)
+    return RegistrationResult(
+        pose=init_pose.detach().clone(),
+        loss=loss,
+        initial_loss=loss.clone(),
+        poses=init_pose.detach().cpu().unsqueeze(0),
+        stop_reason="none",
+        diverged=torch.zeros(init_pose.shape[0], dtype=torch.bool, device=init_pose.device),
+        seconds=time.perf_counter() - start,
+    )
+
+
 #: The registered methods, by name (see the module docstring), for the benchmark runner.
 METHODS: dict[str, MethodFn] = {
     "diffpose": _preset_method("default"),
     "diffpose-fine": _preset_method("fine"),
     "cmaes": _cmaes_method,
     "euler-gd": _euler_gd_method,
+    "none": _no_refinement_method,
 }

@@ -31,7 +31,7 @@ from ..geometry.rotations import euler_to_matrix, quaternion_to_matrix
 from ..geometry.se3 import compose, invert, make_transform, se3_exp, transform_points
 from ..losses import scatter_pixels
 from ..render import random_patch_pixels
-from .renderers import Renderer
+from .renderers import Physics, Renderer
 
 __all__ = [
     "PRESETS",
@@ -61,6 +61,10 @@ class Scale:
         lr_translation: Adam step size of the translation parameters (mm).
         patches: ``(n_patches, patch_size)`` random square patches rendered per step (sparse rendering), or
             ``None`` for the whole detector.
+        physics: render this level with the renderer's ``with_physics(physics)`` view (``"mono"`` or
+            ``"poly"``, e.g. a polychromatic last level after monochromatic coarse ones), or ``None`` for the
+            renderer as given. Needs a renderer with ``with_physics``
+            (:class:`~xraypose.registration.VolumeRenderer`).
     """
 
     size: int
@@ -68,6 +72,7 @@ class Scale:
     lr_rotation: float = 1e-2
     lr_translation: float = 1.0
     patches: tuple[int, int] | None = None
+    physics: Physics | None = None
 
     def __post_init__(self) -> None:
         if self.size < 4 or self.iterations < 0:
@@ -78,6 +83,21 @@ class Scale:
             raise InputError(
                 f"scale: learning rates must be positive, got {self.lr_rotation}, {self.lr_translation}"
             )
+        if self.physics not in (None, "mono", "poly"):
+            raise InputError(f"scale: physics must be None, 'mono' or 'poly', got {self.physics!r}")
+
+
+def _level_renderer(renderer: Renderer, physics: Physics | None) -> Renderer:
+    """``renderer`` itself, or its ``with_physics(physics)`` view for a level that asks for one."""
+    if physics is None:
+        return renderer
+    with_physics = getattr(renderer, "with_physics", None)
+    if not callable(with_physics):
+        raise InputError(
+            f"scale physics {physics!r}: the renderer ({type(renderer).__name__}) has no with_physics(); use a "
+            "VolumeRenderer or leave Scale.physics at None"
+        )
+    return with_physics(physics)
 
 
 @dataclass(frozen=True)
@@ -469,11 +489,12 @@ def _descend(
     n_div = 0
     rows0, cols0 = intrinsics.rows, intrinsics.cols
 
-    def full_loss(intr: Intrinsics, tgt: torch.Tensor) -> torch.Tensor:
+    def full_loss(render: Renderer, intr: Intrinsics, tgt: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return loss_fn(renderer(Camera(intr, pose_of())), tgt).to(dtype)
+            return loss_fn(render(Camera(intr, pose_of())), tgt).to(dtype)
 
     for level, scale in enumerate(config.scales):
+        render = _level_renderer(renderer, scale.physics)
         rows = scale.size
         cols = max(4, round(scale.size * cols0 / rows0))
         intr = intrinsics.resized(rows, cols)
@@ -487,7 +508,7 @@ def _descend(
             ]
         )
         # start from the best pose so far (motion holds it), scored at this level
-        level_best = full_loss(intr, tgt)
+        level_best = full_loss(render, intr, tgt)
         level_best = torch.where(
             torch.isfinite(level_best), level_best, torch.full_like(level_best, math.inf)
         )
@@ -503,10 +524,10 @@ def _descend(
                 if scale.patches is not None:
                     n_patches, size = scale.patches
                     pixels = random_patch_pixels(intr, n_patches, size, generator=gen).to(device)
-                    pred, mask = scatter_pixels(renderer(camera, pixels), pixels, (rows, cols))
+                    pred, mask = scatter_pixels(render(camera, pixels), pixels, (rows, cols))
                     loss = loss_fn(pred, tgt, mask=mask).to(dtype)
                 else:
-                    loss = loss_fn(renderer(camera), tgt).to(dtype)
+                    loss = loss_fn(render(camera), tgt).to(dtype)
             except GeometryError:  # a step put an X-ray source inside the CT: treat it like a divergence
                 loss = torch.full((B,), math.nan, dtype=dtype, device=device)
             finite = torch.isfinite(loss) & torch.isfinite(pose.detach()).flatten(1).all(1)
@@ -555,7 +576,7 @@ def _descend(
         for leaf in motion.leaves():
             leaf.requires_grad_(False)
         # score the last pose exactly and keep it where it beats the best one (always, with sparse steps)
-        last = full_loss(intr, tgt)
+        last = full_loss(render, intr, tgt)
         with torch.no_grad():
             better = torch.isfinite(last) & (last < level_best)
             best_rot[better] = motion.rotation[better]
@@ -569,11 +590,12 @@ def _descend(
         config.scales[-1].size, max(4, round(config.scales[-1].size * cols0 / rows0))
     )
     final_tgt = _downsample(target, final_intr.rows, final_intr.cols)
+    render = _level_renderer(renderer, config.scales[-1].physics)
     with torch.no_grad():
         pose = pose_of().detach()
-        loss = full_loss(final_intr, final_tgt)
+        loss = full_loss(render, final_intr, final_tgt)
         scored = init_pose if initial_pose is None else initial_pose
-        initial = loss_fn(renderer(Camera(final_intr, scored)), final_tgt).to(dtype)
+        initial = loss_fn(render(Camera(final_intr, scored)), final_tgt).to(dtype)
     return RegistrationResult(
         pose=pose,
         loss=loss,

@@ -21,6 +21,9 @@ __all__ = ["Physics", "Renderer", "VolumeRenderer"]
 
 Physics = Literal["mono", "poly"]
 
+#: Render options that only the polychromatic model takes.
+_POLY_OPTIONS = ("materials", "spectrum", "detector")
+
 
 class Renderer(Protocol):
     """Anything that renders ``(B, rows, cols)`` images (or ``(B, N)`` for ``pixels``) of a camera."""
@@ -38,6 +41,10 @@ class VolumeRenderer:
         dtype: working precision of the volume (float32 default).
         render_options: passed to the renderer (method, step_mm, n_samples, multires, backend; for poly also
             materials, spectrum, detector).
+
+    :meth:`with_physics` gives the same CT under the other model (both kept in memory once asked for), so
+    one registration can run its coarse levels monochromatically and its last level polychromatically
+    (:class:`~xraypose.registration.Scale`'s ``physics``).
     """
 
     def __init__(
@@ -50,9 +57,14 @@ class VolumeRenderer:
     ) -> None:
         if physics not in ("mono", "poly"):
             raise InputError(f"physics: expected 'mono' or 'poly', got {physics!r}")
+        if physics == "mono" and (extra := sorted(set(render_options) & set(_POLY_OPTIONS))):
+            raise InputError(f"render options {', '.join(extra)}: only the 'poly' physics takes them")
         self.physics = physics
         self.affine = volume.affine.to(dtype)
         self.options = render_options
+        self._ct = volume
+        self._dtype = dtype
+        self._views: dict[str, VolumeRenderer] = {physics: self}
         if physics == "mono":
             self.volume = AttenuationModel()(volume.data).to(dtype)
         else:
@@ -66,10 +78,24 @@ class VolumeRenderer:
         return self.volume.device
 
     def to(self, device: torch.device | str) -> VolumeRenderer:
-        """Move the bound volume (in place) and return ``self``."""
-        self.volume = self.volume.to(device)
-        self.affine = self.affine.to(device)
+        """Move the bound volume (in place, with any :meth:`with_physics` views) and return ``self``."""
+        for view in self._views.values():
+            view.volume = view.volume.to(device)
+            view.affine = view.affine.to(device)
         return self
+
+    def with_physics(self, physics: Physics) -> VolumeRenderer:
+        """The same CT, device and shared render options under ``physics`` (``self`` when it is already
+        that model; built once, then cached). The polychromatic view gets the default materials and
+        spectrum unless this renderer was given its own."""
+        if physics not in ("mono", "poly"):
+            raise InputError(f"physics: expected 'mono' or 'poly', got {physics!r}")
+        if physics not in self._views:
+            options = {k: v for k, v in self.options.items() if physics == "poly" or k not in _POLY_OPTIONS}
+            view = VolumeRenderer(self._ct, physics, dtype=self._dtype, **options).to(self.device)
+            view._views = self._views  # one cache shared by every view
+            self._views[physics] = view
+        return self._views[physics]
 
     def __call__(self, camera: Camera, pixels: torch.Tensor | None = None) -> torch.Tensor:
         if self.physics == "mono":

@@ -47,6 +47,7 @@ from .engine import (
     _loss_fn,
     _Motion,
     _pivot_world,
+    _score,
     preset,
     register,
 )
@@ -582,9 +583,7 @@ def _no_refinement_method(
     del seed  # deterministic
     start = time.perf_counter()
     target, init_pose = _check_problem(target, intrinsics, init_pose)
-    loss_fn = _loss_fn(RegistrationConfig().loss)
-    with torch.no_grad():
-        loss = loss_fn(renderer(Camera(intrinsics, init_pose)), target).to(init_pose.dtype)
+    loss = _score(renderer, target, intrinsics, init_pose, RegistrationConfig().loss, intrinsics.rows)
     return RegistrationResult(
         pose=init_pose.detach().clone(),
         loss=loss,

@@ -260,6 +260,17 @@ def _downsample(image: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return F.interpolate(image.unsqueeze(1), size=(rows, cols), mode="area").squeeze(1)
 
 
+def _score(
+    renderer: Renderer, target: torch.Tensor, intrinsics: Intrinsics, pose: torch.Tensor, loss: Any, rows: int
+) -> torch.Tensor:
+    """Loss ``(B,)`` of ``pose`` at a detector of ``rows`` rows (aspect kept), without gradients: how the
+    refinements and the ``none`` method score a pose."""
+    cols = max(4, round(rows * intrinsics.cols / intrinsics.rows))
+    intr = intrinsics.resized(rows, cols)
+    with torch.no_grad():
+        return _loss_fn(loss)(renderer(Camera(intr, pose)), _downsample(target, rows, cols)).to(pose.dtype)
+
+
 class _Motion:
     """Local motion parameters → pose, for one parameterisation; rotation and translation are separate leaves."""
 

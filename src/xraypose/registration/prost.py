@@ -29,8 +29,7 @@ from .engine import (
     Scale,
     Step,
     _check_problem,
-    _downsample,
-    _loss_fn,
+    _score,
     register,
 )
 from .renderers import Renderer
@@ -138,16 +137,6 @@ class ProSTConfig:
                 raise InputError(f"ProSTConfig.{name}: expected an integer >= 0, got {v!r}")
         if not isinstance(self.cmaes, CMAESConfig) or not isinstance(self.gncc, RegistrationConfig):
             raise InputError("ProSTConfig: 'cmaes' must be a CMAESConfig and 'gncc' a RegistrationConfig")
-
-
-def _score(
-    renderer: Renderer, target: torch.Tensor, intrinsics: Intrinsics, pose: torch.Tensor, loss: Any, rows: int
-):
-    """Loss ``(B,)`` of ``pose`` at a detector of ``rows`` rows (aspect kept), as the refinements score."""
-    cols = max(4, round(rows * intrinsics.cols / intrinsics.rows))
-    intr = intrinsics.resized(rows, cols)
-    with torch.no_grad():
-        return _loss_fn(loss)(renderer(Camera(intr, pose)), _downsample(target, rows, cols)).to(pose.dtype)
 
 
 def register_prost(

@@ -42,7 +42,8 @@ class VolumeRenderer:
         render_options: passed to the renderer (method, step_mm, n_samples, multires, backend; for poly also
             materials, spectrum, detector).
 
-    :meth:`with_physics` gives the same CT under the other model (both kept in memory once asked for), so
+    :meth:`with_physics` gives the same CT under the other model (the HU volume stays referenced for it; the
+    other model's volume is built on first use and then kept), so
     one registration can run its coarse levels monochromatically and its last level polychromatically
     (:class:`~xraypose.registration.Scale`'s ``physics``).
     """

@@ -160,6 +160,7 @@ def test_presets():
     assert preset("default") == RegistrationConfig()
     fine = preset("fine", seed=4)
     assert fine.scales[-1].size == 256 and fine.seed == 4 and fine.search is not None
+    assert fine.scales[-1].physics == "poly" and all(s.physics is None for s in fine.scales[:-1])
     assert fine.scales[:-1] == RegistrationConfig().scales
     with pytest.raises(InputError, match="preset"):
         preset("best")

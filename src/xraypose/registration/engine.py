@@ -148,9 +148,10 @@ class RegistrationConfig:
     64 → 128 px (xvr's coarse-to-fine schedule with shorter levels), loss 0.5 × multiscale NCC + 0.5 × gradient
     NCC, learning rates halved after 5 steps without improvement and a level ended after 15. They were tuned on
     the synthetic pelvis and chest benchmarks (``docs/benchmarks.md``): every case from 20°/40 mm converges,
-    in about 3 s per registration on a 2-core CPU. The ``"fine"`` preset adds a full-detector 256 px level,
-    which lowers the error (the depth along the principal ray is what a single view resolves worst) at about
-    twice the time; use it with the polychromatic renderer.
+    in about 3 s per registration on a 2-core CPU. The ``"fine"`` preset adds a full-detector 256 px level
+    rendered polychromatically (``Scale.physics = "poly"``, so it needs a renderer with ``with_physics``, such
+    as :class:`~xraypose.registration.VolumeRenderer`), which lowers the error (the depth along the principal
+    ray is what a single view resolves worst) at 2–3× the time.
 
     Args:
         scales: the coarse-to-fine schedule.
@@ -187,11 +188,16 @@ class RegistrationConfig:
             )
 
 
-#: Named configurations: ``"default"`` (``RegistrationConfig()``) and ``"fine"`` (a final 256 px level).
+#: Named configurations: ``"default"`` (``RegistrationConfig()``) and ``"fine"`` (a final polychromatic
+#: full-detector 256 px level after the default's monochromatic ones).
 PRESETS: dict[str, RegistrationConfig] = {
     "default": RegistrationConfig(),
     "fine": RegistrationConfig(
-        scales=(Scale(64, 100, 2e-2, 2.0), Scale(128, 100, 5e-3, 0.5), Scale(256, 30, 1e-3, 0.1))
+        scales=(
+            Scale(64, 100, 2e-2, 2.0),
+            Scale(128, 100, 5e-3, 0.5),
+            Scale(256, 20, 1e-3, 0.1, physics="poly"),
+        )
     ),
 }
 

@@ -186,12 +186,28 @@ def test_cli_bad_input(ct, sim_dir, problem, tmp_path):
     reg += ("--camera", tmp_path / "camera.json", "--init", tmp_path / "init.json")
     assert_user_error(invoke(*reg, "--refine", "gncc"), "--refine", "--similarity")
     assert_user_error(invoke(*reg, "--similarity", tmp_path), "similarity")
+    assert_user_error(invoke(*reg, "--prost-sigma", "5,5,10,15,15,30"), "--prost-sigma", "--similarity")
+    assert_user_error(invoke(*reg, "--similarity", sim_dir, "--prost-sigma", "5,5,10"), "six positive")
+    assert_user_error(
+        invoke(*reg, "--similarity", sim_dir, "--refine", "gncc", "--prost-sigma", "5,5,10,15,15,30"),
+        "--refine cmaes",
+    )
     other = tmp_path / "other.nii.gz"
     shifted = load_default_ct(with_labels=False)
     shifted.data[0, 0, 0] += 1.0
     write_volume(shifted, other)
     bad = ("register", "--ct", other, *reg[3:])
     assert_user_error(invoke(*bad, "--similarity", sim_dir), "CT voxels differ")
+
+
+def test_parse_prost_sigma():
+    from xraypose.cli import _parse_prost_sigma
+
+    assert _parse_prost_sigma(None) is None
+    assert _parse_prost_sigma("5, 5, 10, 15, 15, 30") == (5.0, 5.0, 10.0, 15.0, 15.0, 30.0)
+    for bad in ("5,5,10,15,15", "5,5,10,15,15,0", "a,b,c,d,e,f", "5,5,10,15,15,inf"):
+        with pytest.raises(InputError, match="--prost-sigma"):
+            _parse_prost_sigma(bad)
 
 
 def test_cli_benchmark_needs_similarity(tmp_path):
@@ -204,4 +220,21 @@ def test_cli_benchmark_needs_similarity(tmp_path):
     assert_user_error(
         invoke("benchmark", "--bench", bench, "--out", tmp_path / "res", "--similarity", tmp_path),
         "--similarity",
+    )
+    assert_user_error(
+        invoke(
+            "benchmark",
+            "--bench",
+            bench,
+            "--out",
+            tmp_path / "res",
+            "--method",
+            "prost-gncc",
+            "--similarity",
+            tmp_path,
+            "--prost-sigma",
+            "5,5,10,15,15,30",
+        ),
+        "--prost-sigma",
+        "prost-cmaes",
     )

@@ -107,6 +107,22 @@ def _parse_triple(text: str, name: str) -> tuple[float, float, float]:
     return values  # type: ignore[return-value]
 
 
+def _parse_prost_sigma(text: str | None) -> tuple[float, ...] | None:
+    """``--prost-sigma "5,5,10,15,15,30"`` → the CMA-ES σ of ProST's hand-over (°, °, °, mm, mm, mm)."""
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.replace(" ", "").split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 6 or not all(math.isfinite(v) and v > 0 for v in values):
+        raise InputError(
+            "--prost-sigma: expected six positive comma-separated numbers (rotation x, y, z in degrees, then "
+            f"translation x, y, z in mm) like '5,5,10,15,15,30', got {text!r}"
+        )
+    return values
+
+
 def _load_pose(path: Path) -> torch.Tensor:
     """A camera-to-world 4×4 matrix (or a stack) from .json (``{"pose": [[...]]}`` or a bare list), .npy, .txt."""
     from ..geometry.camera import validate_pose

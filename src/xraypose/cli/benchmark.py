@@ -22,7 +22,7 @@ from rich.progress import (
 )
 
 from ..errors import FileFormatError, InputError, XrayposeError
-from . import _fail, app, console
+from . import _fail, _parse_prost_sigma, app, console
 
 
 class BenchPhysics(str, Enum):
@@ -117,6 +117,13 @@ def benchmark_command(
             help="A train-similarity folder (trained on the benchmark's CT) for the prost-* methods.",
         ),
     ] = None,
+    prost_sigma: Annotated[
+        str | None,
+        typer.Option(
+            help="For prost-cmaes: the CMA-ES hand-over's initial σ, six numbers 'rx,ry,rz,tx,ty,tz' in degrees "
+            "and mm (default the cmaes baseline's '15,15,30,50,50,100').",
+        ),
+    ] = None,
     peer_python: Annotated[
         Path | None,
         typer.Option(
@@ -205,9 +212,17 @@ def benchmark_command(
             raise InputError(
                 "--similarity: only for the ProST methods (--method prost-cmaes, prost-gncc, prost)"
             )
+        sigma = _parse_prost_sigma(prost_sigma)
+        if sigma is not None and "prost-cmaes" not in prost:
+            raise InputError("--prost-sigma: only with --method prost-cmaes (the CMA-ES hand-over)")
         if prost:
             assert similarity is not None
-            table.update(prost_method_table(similarity, prost))
+            prost_config = None
+            if sigma is not None:
+                from ..registration import CMAESConfig, ProSTConfig
+
+                prost_config = ProSTConfig(cmaes=CMAESConfig(sigma=sigma))
+            table.update(prost_method_table(similarity, prost, prost_config))
         unknown = [m for m in methods if m not in table and m not in runner.PEER_METHODS]
         if unknown:
             known = ", ".join(sorted(set(table) | set(runner.PEER_METHODS) | set(PROST_METHODS)))

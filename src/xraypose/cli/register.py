@@ -17,7 +17,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..errors import InputError, XrayposeError
-from . import _check_out, _fail, _load_pose, app, console
+from . import _check_out, _fail, _load_pose, _parse_prost_sigma, app, console
 
 
 class RegisterPhysics(str, Enum):
@@ -118,6 +118,13 @@ def register_command(
     prost_iterations: Annotated[
         int, typer.Option(help="With --similarity: at most this many learned-similarity steps.")
     ] = 200,
+    prost_sigma: Annotated[
+        str | None,
+        typer.Option(
+            help="With --similarity and --refine cmaes: the CMA-ES hand-over's initial σ, six numbers "
+            "'rx,ry,rz,tx,ty,tz' in degrees and mm (default the cmaes baseline's '15,15,30,50,50,100').",
+        ),
+    ] = None,
     force: Annotated[bool, typer.Option(help="Overwrite outputs if they exist.")] = False,
 ) -> None:
     """Register an X-ray to a CT: optimise the C-arm pose from --init (or from the pose a trained --model predicts)
@@ -183,12 +190,18 @@ def register_command(
             check_model_card(trained.card, volume, intr)
             prost = LearnedSimilarityRenderer(trained, volume)
             prost_config = ProSTConfig(refine=refine.value, iterations=prost_iterations)
+            if (sigma := _parse_prost_sigma(prost_sigma)) is not None:
+                if refine is not Refine.cmaes:
+                    raise InputError("--prost-sigma: only with --refine cmaes (the CMA-ES hand-over)")
+                prost_config = replace(prost_config, cmaes=replace(prost_config.cmaes, sigma=sigma))
             if loss is not None:
                 prost_config = replace(
                     prost_config,
                     cmaes=replace(prost_config.cmaes, loss=loss),
                     gncc=replace(prost_config.gncc, loss=loss),
                 )
+        elif prost_sigma is not None:
+            raise InputError("--prost-sigma: only with --similarity (the ProST pipeline)")
         elif refine is not Refine.cmaes:
             raise InputError("--refine: only with --similarity (the ProST pipeline)")
         config = registration_preset(preset) if loss is None else registration_preset(preset, loss=loss)

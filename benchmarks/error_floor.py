@@ -72,12 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         model = TARGETS[target_name]
         images = []
         for i in range(n):
-            case = bench[i]
             if model is None:
-                images.append(case.image[None].float())
+                images.append(bench.images[i][None].float())
             else:
                 generator = torch.Generator().manual_seed(i)
-                camera = Camera(intr, case.pose[None].float())
+                camera = Camera(intr, bench.poses[i][None].float())
                 image = simulate_xray(
                     volume.data, volume.affine, camera, detector_model=model, generator=generator
                 )
@@ -91,10 +90,10 @@ def main(argv: list[str] | None = None) -> int:
             )
             errors = []
             for i in range(n):
-                truth = bench[i].pose[None]
+                truth = bench.poses[i][None]
                 result = register(renderer, images[i], intr, truth.float(), config)
                 scored = pose_errors(result.pose.double().cpu(), truth, bench.landmarks_world, intr)
-                errors.append(scored.case_result(0, case=str(i), method="floor").mtre_mm)
+                errors.append(float(scored.mtre_mm[0]))
             per_case = ", ".join(f"{e:.2f}" for e in errors)
             print(
                 f"| {target_name} | `{loss}` | {statistics.median(errors):.3f} | {statistics.mean(errors):.3f} "

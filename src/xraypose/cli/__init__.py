@@ -97,11 +97,16 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
-def _parse_triple(text: str, name: str) -> tuple[float, float, float]:
+def _floats(text: str) -> tuple[float, ...]:
+    """``"1, 2,3"`` → ``(1.0, 2.0, 3.0)``; ``()`` when a part is not a number."""
     try:
-        values = tuple(float(v) for v in text.replace(" ", "").split(","))
+        return tuple(float(v) for v in text.replace(" ", "").split(","))
     except ValueError:
-        values = ()
+        return ()
+
+
+def _parse_triple(text: str, name: str) -> tuple[float, float, float]:
+    values = _floats(text)
     if len(values) != 3:
         raise InputError(f"{name}: expected three comma-separated numbers in mm like '0,0,0', got {text!r}")
     return values  # type: ignore[return-value]
@@ -111,10 +116,7 @@ def _parse_prost_sigma(text: str | None) -> tuple[float, ...] | None:
     """``--prost-sigma "5,5,10,15,15,30"`` → the CMA-ES σ of ProST's hand-over (°, °, °, mm, mm, mm)."""
     if text is None:
         return None
-    try:
-        values = tuple(float(v) for v in text.replace(" ", "").split(","))
-    except ValueError:
-        values = ()
+    values = _floats(text)
     if len(values) != 6 or not all(math.isfinite(v) and v > 0 for v in values):
         raise InputError(
             "--prost-sigma: expected six positive comma-separated numbers (rotation x, y, z in degrees, then "

@@ -144,6 +144,11 @@ def register_command(
             )
         if allow_new_patient and model is None:
             raise InputError("--allow-new-patient: only with --model")
+        sigma = _parse_prost_sigma(prost_sigma)
+        if sigma is not None and similarity is None:
+            raise InputError("--prost-sigma: only with --similarity (the ProST pipeline)")
+        if sigma is not None and refine is not Refine.cmaes:
+            raise InputError("--prost-sigma: only with --refine cmaes (the CMA-ES hand-over)")
         _check_out(out, force, (".json",))
         if overlay is not None:
             _check_out(overlay, force, (".png",))
@@ -190,9 +195,7 @@ def register_command(
             check_model_card(trained.card, volume, intr)
             prost = LearnedSimilarityRenderer(trained, volume)
             prost_config = ProSTConfig(refine=refine.value, iterations=prost_iterations)
-            if (sigma := _parse_prost_sigma(prost_sigma)) is not None:
-                if refine is not Refine.cmaes:
-                    raise InputError("--prost-sigma: only with --refine cmaes (the CMA-ES hand-over)")
+            if sigma is not None:
                 prost_config = replace(prost_config, cmaes=replace(prost_config.cmaes, sigma=sigma))
             if loss is not None:
                 prost_config = replace(
@@ -200,8 +203,6 @@ def register_command(
                     cmaes=replace(prost_config.cmaes, loss=loss),
                     gncc=replace(prost_config.gncc, loss=loss),
                 )
-        elif prost_sigma is not None:
-            raise InputError("--prost-sigma: only with --similarity (the ProST pipeline)")
         elif refine is not Refine.cmaes:
             raise InputError("--refine: only with --similarity (the ProST pipeline)")
         config = registration_preset(preset) if loss is None else registration_preset(preset, loss=loss)

@@ -193,11 +193,7 @@ class RegistrationConfig:
 PRESETS: dict[str, RegistrationConfig] = {
     "default": RegistrationConfig(),
     "fine": RegistrationConfig(
-        scales=(
-            Scale(64, 100, 2e-2, 2.0),
-            Scale(128, 100, 5e-3, 0.5),
-            Scale(256, 20, 1e-3, 0.1, physics="poly"),
-        )
+        scales=(*RegistrationConfig().scales, Scale(256, 20, 1e-3, 0.1, physics="poly"))
     ),
 }
 

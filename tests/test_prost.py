@@ -164,6 +164,7 @@ def test_cli_bad_input(ct, sim_dir, problem, tmp_path):
     )
     assert_user_error(invoke(*args, "--out", tmp_path / "o", "--image-size", 4), "image_size")
     assert_user_error(invoke(*args, "--out", tmp_path / "o", "--steps", 0), "steps")
+    assert_user_error(invoke(*args, "--out", tmp_path / "o", "--minutes", 0), "--minutes")
     assert_user_error(invoke(*args, "--out", tmp_path / "o", "--rotation-sigma", -1), "rotation_sigma_deg")
     (tmp_path / "file").write_text("x")
     assert_user_error(invoke(*args, "--out", tmp_path / "file"), "not a folder")

@@ -254,6 +254,26 @@ def test_training_writes_outputs_and_loads(ct, intr, reference_run):
         load_similarity(out / "log.csv")
 
 
+def test_training_stops_at_the_time_budget(ct, intr, tmp_path):
+    base = _tconfig(steps=1000)
+    timed = _tconfig(steps=1000, max_seconds=0.05)
+    assert timed.schedule_position(3, 0.025) == 500 and base.schedule_position(3, 1e9) == 3
+    assert timed.lr_factor(0, 999) == base.lr_factor(0)  # warm-up counts steps
+    assert timed.lr_factor(10, 999) == pytest.approx(base.final_lr_fraction)
+    result = train_similarity(ct, intr, tmp_path, timed, SMALL, center_world=ct.center_world, progress=False)
+    assert result.finished and 1 <= result.steps < 1000
+    card = json.loads((tmp_path / "model_card.json").read_text())
+    assert card["stopped_by"] == "time_budget" and card["steps_done"] == result.steps
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == result.steps
+    with (tmp_path / "log.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert int(rows[-1]["step"]) == result.steps
+    again = train_similarity(ct, intr, tmp_path, timed, SMALL, center_world=ct.center_world, progress=False)
+    assert again.steps == result.steps and again.card["stopped_by"] == "time_budget"
+    with pytest.raises(InputError, match="max_seconds"):
+        _tconfig(max_seconds=-1.0)
+
+
 def test_resume_is_exact(ct, intr, reference_run, tmp_path):
     ref_out, _ = reference_run
     first = train_similarity(

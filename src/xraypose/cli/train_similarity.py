@@ -31,7 +31,17 @@ def train_similarity_command(
             "(1020 mm, 298 mm panel).",
         ),
     ] = None,
-    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 2000,
+    steps: Annotated[
+        int | None,
+        typer.Option(help="Optimiser steps [default: 2000; with --minutes alone, the budget ends training]."),
+    ] = None,
+    minutes: Annotated[
+        float | None,
+        typer.Option(
+            help="Wall-clock budget (resumptions included): stop, checkpoint and write the model when spent; "
+            "the learning-rate decay follows the time."
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="(start, truth) pose pairs per step.")] = 4,
     image_size: Annotated[int, typer.Option(help="Detector images resampled to this side, pixels.")] = 64,
     volume_size: Annotated[int, typer.Option(help="Largest voxels per axis of the network's CT.")] = 64,
@@ -60,8 +70,13 @@ def train_similarity_command(
     from ..geometry import Intrinsics
     from ..io import read_volume
     from ..learning import AugmentConfig, SimilarityConfig, SimilarityTrainingConfig, train_similarity
+    from .train import _BUDGET_STEPS
 
     try:
+        if minutes is not None and not minutes > 0:
+            raise InputError(f"--minutes: expected a positive number of minutes, got {minutes:g}")
+        if steps is None:
+            steps = _BUDGET_STEPS if minutes is not None else 2000
         config = SimilarityTrainingConfig(
             steps=steps,
             batch_size=batch_size,
@@ -73,6 +88,7 @@ def train_similarity_command(
             checkpoint_every=checkpoint_every,
             seed=seed,
             device=device,
+            max_seconds=0.0 if minutes is None else 60.0 * minutes,
         )
         model_config = SimilarityConfig(
             image_size=image_size, volume_size=volume_size, n_samples=n_samples, volume_channels=channels
@@ -87,6 +103,7 @@ def train_similarity_command(
     console.print(
         f"wrote {out / 'similarity.safetensors'}: {result.steps} steps"
         + (f" (resumed at {result.resumed_from})" if result.resumed_from is not None else "")
+        + (", time budget spent" if result.card.get("stopped_by") == "time_budget" else "")
         + f", final direction loss {result.final_loss:.4f}, {result.wall_time_s:.1f} s",
         soft_wrap=True,
     )

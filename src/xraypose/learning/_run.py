@@ -213,6 +213,16 @@ def progress_bar(label: str, *, enabled: bool, rate_unit: str = "img/s") -> Any:
     )
 
 
+def budget_position(step: int, steps: int, elapsed_s: float, max_seconds: float) -> int:
+    """The step a schedule of ``steps`` steps is at under a wall-clock budget of ``max_seconds`` (``<= 0``: no
+    budget, ``step`` itself): the further along of ``step`` and ``steps · elapsed_s / max_seconds``, at most
+    ``steps − 1``, so a run cut by its budget still ends its schedule."""
+    if max_seconds <= 0:
+        return step
+    by_time = int(steps * min(1.0, max(0.0, elapsed_s) / max_seconds))
+    return min(steps - 1, max(step, by_time))
+
+
 def warmup_cosine(
     step: int, steps: int, warmup_steps: int, final_fraction: float, position: int | None = None
 ) -> float:

@@ -44,6 +44,7 @@ from ..io.volume import Volume
 from ._config import dataclass_from_dict
 from ._run import (
     append_log_row,
+    budget_position,
     ct_record,
     ct_sha256,
     jsonable,
@@ -115,6 +116,10 @@ class SimilarityTrainingConfig:
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``…
         physics: DRR physics of the fixed images, ``"mono"`` or ``"poly"``.
         min_foreground: near-empty fixed-image rejection (:class:`~xraypose.learning.data.PoseDataStream`).
+        max_seconds: wall-clock budget of the whole training (resumptions included), seconds; ``0``: none. As in
+            :class:`~xraypose.learning.TrainingConfig`: training stops at whichever of ``steps`` and the budget
+            comes first, and the cosine decay follows whichever is further along (such runs depend on the
+            machine's speed and are not reproducible step for step).
     """
 
     steps: int = 2000
@@ -133,6 +138,7 @@ class SimilarityTrainingConfig:
     device: str = "auto"
     physics: str = "mono"
     min_foreground: float = 0.1
+    max_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         def bad(name: str, expected: str) -> InputError:
@@ -159,6 +165,7 @@ class SimilarityTrainingConfig:
             "rotation_sigma_deg",
             "translation_sigma_mm",
             "min_foreground",
+            "max_seconds",
         ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
@@ -190,8 +197,14 @@ class SimilarityTrainingConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> SimilarityTrainingConfig:
         return dataclass_from_dict(cls, data)
 
-    def lr_factor(self, step: int) -> float:
-        return warmup_cosine(step, self.steps, self.warmup_steps, self.final_lr_fraction)
+    def schedule_position(self, step: int, elapsed_s: float = 0.0) -> int:
+        """The step the cosine decay is at (``step``, or further along by the time budget; see
+        :func:`~xraypose.learning._run.budget_position`)."""
+        return budget_position(step, self.steps, elapsed_s, self.max_seconds)
+
+    def lr_factor(self, step: int, position: int | None = None) -> float:
+        """Learning rate of ``step`` relative to :attr:`lr`: warm-up, then a cosine at ``position``."""
+        return warmup_cosine(step, self.steps, self.warmup_steps, self.final_lr_fraction, position)
 
 
 @dataclass(frozen=True, eq=False)
@@ -374,6 +387,12 @@ def train_similarity(
 
     intr_train = stream.train_intrinsics
     end = config.steps if stop_after is None else min(config.steps, max(stop_after, start))
+    budget = config.max_seconds
+    stopped_by = "steps"
+    if budget > 0 and elapsed_before >= budget:
+        end, stopped_by = start, "time_budget"
+    elapsed_now = elapsed_before
+    done = start
     acc = torch.zeros(4, dtype=torch.float64)
     n_acc = 0
     t0 = t_log = time.perf_counter()
@@ -400,6 +419,10 @@ def train_similarity(
         task = bar.add_task("train", total=config.steps, completed=start, loss="—", ips="—")
         model.train()
         for step in range(start, end):
+            if budget > 0:  # the decay follows the time spent (SimilarityTrainingConfig.max_seconds)
+                factor = config.lr_factor(step, config.schedule_position(step, elapsed_now))
+                for group in opt.param_groups:
+                    group["lr"] = config.lr * factor
             pairs = sample_pairs(stream, config, step, pivot)
             features = model.feature_volume(prepared.volume)
             terms = direction_loss(
@@ -418,7 +441,10 @@ def train_similarity(
             if callback is not None:
                 callback(step + 1, dict(zip(names, values.tolist(), strict=True)))
             done = step + 1
-            if done % config.log_every == 0 or done == end:
+            elapsed_now = elapsed_before + time.perf_counter() - t0
+            budget_hit = budget > 0 and elapsed_now >= budget
+            final = done == end or budget_hit
+            if done % config.log_every == 0 or final:
                 mean = (acc / n_acc).tolist()
                 now = time.perf_counter()
                 rate = n_acc * config.batch_size / max(now - t_log, 1e-9)
@@ -435,14 +461,19 @@ def train_similarity(
                 acc.zero_()
                 n_acc = 0
                 t_log = now
-            if done % config.checkpoint_every == 0 or done == end:
+            if done % config.checkpoint_every == 0 or final:
                 checkpoint(done)
             bar.update(task, completed=done)
+            if budget_hit:
+                stopped_by = "time_budget"
+                break
         if end == start and not ckpt_path.exists():
             checkpoint(start)
 
     wall = elapsed_before + time.perf_counter() - t0
-    finished = end >= config.steps
+    if stopped_by == "steps" and done < config.steps:
+        stopped_by = "stop_after"
+    finished = stopped_by != "stop_after"
     extra = {
         "pivot_world": pivot.tolist(),
         "volume_scale": prepared.scale,
@@ -463,8 +494,9 @@ def train_similarity(
         "training_config": config.to_dict(),
         "model_config": model_config.to_dict(),
         "parameters": sum(p.numel() for p in model.parameters()),
-        "steps_done": end,
+        "steps_done": done,
         "finished": finished,
+        "stopped_by": stopped_by,
         "wall_time_s": wall,
         "device": str(device),
         "final_loss": last_loss if math.isfinite(last_loss) else None,
@@ -478,7 +510,7 @@ def train_similarity(
         model=model,
         volume=prepared,
         pivot_world=pivot,
-        steps=end,
+        steps=done,
         wall_time_s=wall,
         final_loss=last_loss,
         out_dir=out,

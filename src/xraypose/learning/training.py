@@ -51,6 +51,7 @@ from ..io.volume import Volume
 from ..losses import translation_error_mm
 from ._config import dataclass_from_dict
 from ._run import (
+    budget_position,
     ct_sha256,
     jsonable,
     physical_detector,
@@ -255,10 +256,7 @@ class TrainingConfig:
     def schedule_position(self, step: int, elapsed_s: float = 0.0) -> int:
         """The step the schedule (stages, cosine decay) is at: ``step``, or with a time budget the further
         along of ``step`` and ``steps · elapsed_s / max_seconds`` (at most ``steps − 1``)."""
-        if self.max_seconds <= 0:
-            return step
-        by_time = int(self.steps * min(1.0, max(0.0, elapsed_s) / self.max_seconds))
-        return min(self.steps - 1, max(step, by_time))
+        return budget_position(step, self.steps, elapsed_s, self.max_seconds)
 
     def stage_at(self, step: int) -> tuple[int, float, float]:
         """``(stage index, pose scale, augmentation strength factor)`` of ``step`` (0-based; with a time budget

@@ -112,6 +112,20 @@ def _parse_triple(text: str, name: str) -> tuple[float, float, float]:
     return values  # type: ignore[return-value]
 
 
+#: ``--steps`` when only ``--minutes`` bounds a training: the time budget ends it and drives the schedule.
+_BUDGET_STEPS = 1_000_000
+
+
+def _training_budget(steps: int | None, minutes: float | None, default_steps: int) -> tuple[int, float]:
+    """``(steps, max_seconds)`` of a training command's ``--steps`` and ``--minutes`` (``max_seconds`` 0: no
+    budget); ``--steps`` defaults to ``default_steps``, or with ``--minutes`` alone to :data:`_BUDGET_STEPS`."""
+    if minutes is not None and not minutes > 0:
+        raise InputError(f"--minutes: expected a positive number of minutes, got {minutes:g}")
+    if steps is None:
+        steps = _BUDGET_STEPS if minutes is not None else default_steps
+    return steps, 0.0 if minutes is None else 60.0 * minutes
+
+
 def _parse_prost_sigma(text: str | None) -> tuple[float, ...] | None:
     """``--prost-sigma "5,5,10,15,15,30"`` → the CMA-ES σ of ProST's hand-over (°, °, °, mm, mm, mm)."""
     if text is None:

@@ -10,10 +10,7 @@ from typing import Annotated
 import typer
 
 from ..errors import InputError, XrayposeError
-from . import _fail, app, console
-
-#: ``--steps`` when only ``--minutes`` bounds the training: the time budget ends it and drives the schedule.
-_BUDGET_STEPS = 1_000_000
+from . import _fail, _training_budget, app, console
 
 
 def _parse_weights(text: str | None, n: int) -> list[float] | None:
@@ -171,15 +168,12 @@ def train_command(
         weights = _parse_weights(ct_weights, len(paths))
         if weights is not None and len(paths) == 1:
             raise InputError("--ct-weights: only with several CTs")
-        if minutes is not None and not minutes > 0:
-            raise InputError(f"--minutes: expected a positive number of minutes, got {minutes:g}")
+        steps, max_seconds = _training_budget(steps, minutes, 10000)
         if out.exists() and not out.is_dir():
             raise InputError(f"--out {out}: exists and is not a folder")
         pretrained = load_trained_model(init_model) if init_model is not None else None
         pre = pretrained.model.config if pretrained is not None else None
         size = _resolve("image_size", image_size, pre.image_size if pre else None, 128)
-        if steps is None:
-            steps = _BUDGET_STEPS if minutes is not None else 10000
         config = TrainingConfig(
             steps=steps,
             batch_size=batch_size,
@@ -192,7 +186,7 @@ def train_command(
             crop_probability=crop_probability,
             crop_min_mm=crop_min_mm,
             **({} if incremental else {"stages": ((1.0, 1.0, 1.0),)}),
-            max_seconds=0.0 if minutes is None else 60.0 * minutes,
+            max_seconds=max_seconds,
         )
         model_config = PoseRegressorConfig(
             backbone=_resolve("backbone", backbone, pre.backbone if pre else None, "resnet18"),  # type: ignore[arg-type]

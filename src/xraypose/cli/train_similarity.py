@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from ..errors import InputError, XrayposeError
-from . import _fail, app, console
+from . import _fail, _training_budget, app, console
 
 
 @app.command("train-similarity")
@@ -70,13 +70,9 @@ def train_similarity_command(
     from ..geometry import Intrinsics
     from ..io import read_volume
     from ..learning import AugmentConfig, SimilarityConfig, SimilarityTrainingConfig, train_similarity
-    from .train import _BUDGET_STEPS
 
     try:
-        if minutes is not None and not minutes > 0:
-            raise InputError(f"--minutes: expected a positive number of minutes, got {minutes:g}")
-        if steps is None:
-            steps = _BUDGET_STEPS if minutes is not None else 2000
+        steps, max_seconds = _training_budget(steps, minutes, 2000)
         config = SimilarityTrainingConfig(
             steps=steps,
             batch_size=batch_size,
@@ -88,7 +84,7 @@ def train_similarity_command(
             checkpoint_every=checkpoint_every,
             seed=seed,
             device=device,
-            max_seconds=0.0 if minutes is None else 60.0 * minutes,
+            max_seconds=max_seconds,
         )
         model_config = SimilarityConfig(
             image_size=image_size, volume_size=volume_size, n_samples=n_samples, volume_channels=channels

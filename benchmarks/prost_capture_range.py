@@ -50,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--similarity", type=Path, required=True, help="xraypose train-similarity folder")
     ap.add_argument("--max-cases", type=int, default=10, help="the first N cases of every level")
     ap.add_argument(
+        "--levels",
+        default=None,
+        help="comma-separated indices of the file's perturbation levels to run (default: all), e.g. '1,2'",
+    )
+    ap.add_argument(
         "--narrow-sigma",
         type=_sigma,
         default=(5.0, 5.0, 10.0, 15.0, 15.0, 30.0),
@@ -60,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="output folder (must not hold a run)")
     args = ap.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    try:
+        levels = None if args.levels is None else [int(v) for v in args.levels.split(",") if v.strip()]
+    except ValueError:
+        ap.error(f"--levels: expected comma-separated integers, got {args.levels!r}")
     if unknown := sorted(set(methods) - set(METHODS)):
         ap.error(f"--methods: unknown {unknown}; choose from {METHODS}")
 
@@ -77,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         methods,
         ct=args.ct,
         max_cases=args.max_cases,
+        levels=levels,
         method_table=table,
         device=args.device,
         progress=lambda done, total: print(f"\r{done}/{total} runs", end="", flush=True),

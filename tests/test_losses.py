@@ -623,3 +623,40 @@ def test_non_finite_images_give_nan_not_a_score():
     for fn in (L.ncc, lambda a, b: L.patch_ncc(a, b, 4), L.gradient_ncc):
         out = fn(bad, y)
         assert bool(torch.isnan(out[0])) and bool(torch.isfinite(out[1]))
+
+
+def test_quantum_noise_weights_follow_the_poisson_inverse_variance() -> None:
+    quantum_noise_weights = L.quantum_noise_weights
+
+    # two flat regions, the second attenuating ln 4 more: a quarter of the quanta, a quarter of the weight
+    p = torch.full((1, 6, 8), 2.0, dtype=torch.float64)
+    p[:, :, 4:] += math.log(4.0)
+    w = quantum_noise_weights(p, smooth_px=1)
+    assert w.shape == (1, 6, 8) and w.dtype == torch.float64
+    assert torch.allclose(w[..., :4], torch.ones(1, 6, 4, dtype=torch.float64))
+    assert torch.allclose(w[..., 4:], torch.full((1, 6, 4), 0.25, dtype=torch.float64))
+    # an offset of p does not change them; gamma scales the exponent; (H, W) input is one image
+    assert torch.allclose(quantum_noise_weights(p + 7.0, smooth_px=1), w)
+    assert torch.allclose(
+        quantum_noise_weights(p, gamma=0.5, smooth_px=1)[..., 4:], torch.tensor(0.5).double()
+    )
+    assert torch.allclose(quantum_noise_weights(p[0], smooth_px=1), w)
+    # smoothing: a single noisy pixel barely moves its weight; without smoothing it would follow it fully
+    noisy = torch.zeros(1, 9, 9)
+    noisy[0, 4, 4] = 5.0
+    smoothed = quantum_noise_weights(noisy, smooth_px=5)
+    assert float(smoothed[0, 4, 4]) == pytest.approx(math.exp(-5.0 / 25.0), rel=1e-5)
+    assert float(quantum_noise_weights(noisy, smooth_px=1)[0, 4, 4]) == pytest.approx(
+        math.exp(-5.0), rel=1e-5
+    )
+    # a weighted NCC ignores what happens where the weight vanishes
+    x = torch.randn(1, 6, 8, dtype=torch.float64)
+    y = x.clone()
+    y[..., 4:] = torch.randn(1, 6, 4, dtype=torch.float64)
+    far = quantum_noise_weights(p * 20.0, smooth_px=1)
+    assert float(L.ncc(x, y, mask=far)) > 0.999 and float(L.ncc(x, y)) < 0.99
+    for bad in ({"gamma": 0.0}, {"gamma": float("nan")}, {"smooth_px": 4}, {"smooth_px": 0}):
+        with pytest.raises(InputError, match="quantum_noise_weights"):
+            quantum_noise_weights(p, **bad)
+    with pytest.raises(InputError, match="target"):
+        quantum_noise_weights(torch.ones(4, dtype=torch.int64))

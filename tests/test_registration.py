@@ -189,7 +189,9 @@ def test_per_level_physics_renders_the_last_level_polychromatically(scene):
     with torch.no_grad():
         camera = Camera(intr.resized(64, 64), result.pose)
         expected, mono = loss_fn(poly(camera), tgt), loss_fn(renderer(camera), tgt)
-    assert torch.allclose(result.loss, expected, atol=1e-5) and not torch.allclose(result.loss, mono, atol=1e-5)
+    assert torch.allclose(result.loss, expected, atol=1e-5) and not torch.allclose(
+        result.loss, mono, atol=1e-5
+    )
 
 
 def test_per_level_physics_guards():
@@ -216,5 +218,42 @@ def _pivot_pose(vol):
     from xraypose.geometry import carm_pose
 
     return carm_pose(
-        torch.tensor([0.0]), torch.tensor([0.0]), 0.0, source_to_isocenter=620.0, isocenter=vol.center_world.float()
+        torch.tensor([0.0]),
+        torch.tensor([0.0]),
+        0.0,
+        source_to_isocenter=620.0,
+        isocenter=vol.center_world.float(),
     )
+
+
+def test_noise_weighted_level_passes_the_weights_and_reports_the_weighted_loss(scene):
+    from xraypose.losses import quantum_noise_weights
+
+    renderer, intr, truth, target, init, landmarks = scene
+    base = ImageLoss.parse("0.5*mncc+0.5*gncc")
+    seen = []
+
+    def spy(pred, tgt, mask=None):
+        seen.append(mask)
+        return base(pred, tgt, mask=mask)
+
+    config = RegistrationConfig(
+        scales=(Scale(32, 40, 2e-2, 2.0), Scale(64, 30, 5e-3, 0.5, noise_weight=1.0)), loss=spy, search=None
+    )
+    result = register(renderer, target[:1], intr, init[:1], config)
+    assert float(mtre(result.pose, truth[:1], landmarks)[0]) < 1.0
+    # the coarse level is unweighted, the last one weighted by the X-ray's quantum-noise weights
+    tgt = torch.nn.functional.interpolate(target[:1, None], size=(64, 64), mode="area")[:, 0]
+    expected_w = quantum_noise_weights(tgt)
+    weighted = [m for m in seen if m is not None]
+    assert any(m is None for m in seen) and weighted
+    assert all(m.shape == (1, 64, 64) and torch.allclose(m, expected_w) for m in weighted)
+    with torch.no_grad():
+        camera = Camera(intr.resized(64, 64), result.pose)
+        expected, plain = base(renderer(camera), tgt, mask=expected_w), base(renderer(camera), tgt)
+    assert torch.allclose(result.loss, expected, atol=1e-5) and not torch.allclose(
+        result.loss, plain, atol=1e-5
+    )
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(InputError, match="noise_weight"):
+            Scale(64, 10, noise_weight=bad)

@@ -59,6 +59,7 @@ __all__ = [
     "ncc",
     "patch_gradient_ncc",
     "patch_ncc",
+    "quantum_noise_weights",
     "rotation_distance",
     "rotation_error_deg",
     "scatter_pixels",
@@ -204,6 +205,44 @@ def scatter_pixels(
     flat = values.new_zeros(b, h * w).scatter(1, idx, values)
     mask = torch.zeros(b, h * w, dtype=torch.bool, device=values.device).scatter(1, idx, True)
     return flat.view(b, h, w), mask.view(b, h, w)
+
+
+def quantum_noise_weights(target: torch.Tensor, gamma: float = 1.0, smooth_px: int = 5) -> torch.Tensor:
+    """Pixel weights that follow the quantum noise of an X-ray in the ``−ln(I/I0)`` domain, for ``mask=``.
+
+    An X-ray pixel that detects ``N = N0·exp(−p)`` quanta (Poisson) has ``Var[−ln(I/I0)] ≈ 1/N``, so its
+    inverse variance is proportional to ``exp(−p)``: the least attenuated pixels are the most reliable, and a
+    pixel behind dense bone (``p`` larger by 3) is about 20 times noisier. The weights are
+    ``exp(−gamma · (p̄ − min p̄))`` of the target ``p`` box-smoothed over ``smooth_px × smooth_px`` pixels (so
+    the weights do not follow the noise itself), per image, in ``(0, 1]`` (1 at the least attenuated pixel).
+    ``gamma = 1`` is the Poisson inverse variance for natural-log images; an additive offset of ``p`` does not
+    change them, a scale does (a ``log10`` image wants ``gamma = ln 10``).
+
+    Passed as the ``mask`` of a loss they weight every global statistic (means, variances, covariances of
+    :func:`ncc`, :func:`gradient_ncc`); patch terms keep only the patches whose mean weight reaches their
+    ``min_coverage`` (0.5 by default: regions within ``ln 2 / gamma`` of the least attenuated one).
+
+    Args:
+        target: ``(B, H, W)`` (or ``(H, W)``) X-ray images, ``−ln(I/I0)`` in natural-log units.
+        gamma: exponent (> 0); 1 for the Poisson model.
+        smooth_px: odd side (≥ 1) of the box filter applied to the target before weighting.
+
+    Returns:
+        ``(B, H, W)`` weights (no gradient), the target's dtype and device.
+    """
+    func = "quantum_noise_weights"
+    if isinstance(target, torch.Tensor) and target.ndim == 2:
+        target = target.unsqueeze(0)
+    y = _image(target, "target", func)
+    g = _number(gamma, "gamma", func, low=0.0, low_ok=False)
+    k = _integer(smooth_px, "smooth_px", func, low=1)
+    if k % 2 == 0:
+        raise InputError(f"{func}: argument 'smooth_px' must be odd; got {k}")
+    with torch.no_grad():
+        p = y.detach()
+        if k > 1:
+            p = F.avg_pool2d(p[:, None], k, stride=1, padding=k // 2, count_include_pad=False)[:, 0]
+        return torch.exp(-g * (p - p.amin(dim=(-2, -1), keepdim=True)))
 
 
 # --------------------------------------------------------------------------------------------------

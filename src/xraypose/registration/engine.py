@@ -65,6 +65,13 @@ class Scale:
             ``"poly"``, e.g. a polychromatic last level after monochromatic coarse ones), or ``None`` for the
             renderer as given. Needs a renderer with ``with_physics``
             (:class:`~xraypose.registration.VolumeRenderer`).
+        noise_weight: ``gamma`` of :func:`xraypose.losses.quantum_noise_weights`: the level's loss weights
+            each pixel of the (downsampled) X-ray by ``exp(−gamma · (p̄ − min p̄))``, the inverse variance of
+            Poisson quantum noise in the ``−ln(I/I0)`` domain for ``gamma = 1``, so that the least attenuated,
+            least noisy pixels count most; ``0`` (default) weights every pixel alike. Meant for a last,
+            full-resolution level, where the X-ray's noise, not the capture range, limits the accuracy; it
+            needs targets in natural-log units (``−ln(I/I0)``, as :func:`~xraypose.physics.simulate_xray`
+            writes them).
     """
 
     size: int
@@ -73,6 +80,7 @@ class Scale:
     lr_translation: float = 1.0
     patches: tuple[int, int] | None = None
     physics: Physics | None = None
+    noise_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.size < 4 or self.iterations < 0:
@@ -85,6 +93,8 @@ class Scale:
             )
         if self.physics not in (None, "mono", "poly"):
             raise InputError(f"scale: physics must be None, 'mono' or 'poly', got {self.physics!r}")
+        if not (isinstance(self.noise_weight, (int, float)) and 0 <= self.noise_weight < math.inf):
+            raise InputError(f"scale: noise_weight must be a finite number ≥ 0, got {self.noise_weight!r}")
 
 
 def _level_renderer(renderer: Renderer, physics: Physics | None) -> Renderer:
@@ -260,6 +270,25 @@ def _downsample(image: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     if image.shape[-2:] == (rows, cols):
         return image
     return F.interpolate(image.unsqueeze(1), size=(rows, cols), mode="area").squeeze(1)
+
+
+def _noise_weights(target: torch.Tensor, gamma: float) -> torch.Tensor | None:
+    """A level's pixel weights (:attr:`Scale.noise_weight`), or ``None`` for uniform weights."""
+    if gamma <= 0:
+        return None
+    from ..losses import quantum_noise_weights
+
+    return quantum_noise_weights(target, gamma)
+
+
+def _weighted_loss(
+    loss_fn: LossFn, pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None
+) -> torch.Tensor:
+    """``loss_fn(pred, target)``, with ``mask=weights`` when the level weights its pixels (a custom loss
+    without a ``mask`` argument works as long as no level asks for weights)."""
+    if weights is None:
+        return loss_fn(pred, target)
+    return loss_fn(pred, target, mask=weights)
 
 
 def _score(
@@ -502,9 +531,11 @@ def _descend(
     n_div = 0
     rows0, cols0 = intrinsics.rows, intrinsics.cols
 
-    def full_loss(render: Renderer, intr: Intrinsics, tgt: torch.Tensor) -> torch.Tensor:
+    def full_loss(
+        render: Renderer, intr: Intrinsics, tgt: torch.Tensor, weights: torch.Tensor | None
+    ) -> torch.Tensor:
         with torch.no_grad():
-            return loss_fn(render(Camera(intr, pose_of())), tgt).to(dtype)
+            return _weighted_loss(loss_fn, render(Camera(intr, pose_of())), tgt, weights).to(dtype)
 
     for level, scale in enumerate(config.scales):
         render = _level_renderer(renderer, scale.physics)
@@ -512,6 +543,7 @@ def _descend(
         cols = max(4, round(scale.size * cols0 / rows0))
         intr = intrinsics.resized(rows, cols)
         tgt = _downsample(target, rows, cols)
+        weights = _noise_weights(tgt, scale.noise_weight)
         for leaf in motion.leaves():
             leaf.requires_grad_(True)
         opt = torch.optim.Adam(
@@ -521,7 +553,7 @@ def _descend(
             ]
         )
         # start from the best pose so far (motion holds it), scored at this level
-        level_best = full_loss(render, intr, tgt)
+        level_best = full_loss(render, intr, tgt, weights)
         level_best = torch.where(
             torch.isfinite(level_best), level_best, torch.full_like(level_best, math.inf)
         )
@@ -538,9 +570,10 @@ def _descend(
                     n_patches, size = scale.patches
                     pixels = random_patch_pixels(intr, n_patches, size, generator=gen).to(device)
                     pred, mask = scatter_pixels(render(camera, pixels), pixels, (rows, cols))
+                    mask = mask if weights is None else mask * weights
                     loss = loss_fn(pred, tgt, mask=mask).to(dtype)
                 else:
-                    loss = loss_fn(render(camera), tgt).to(dtype)
+                    loss = _weighted_loss(loss_fn, render(camera), tgt, weights).to(dtype)
             except GeometryError:  # a step put an X-ray source inside the CT: treat it like a divergence
                 loss = torch.full((B,), math.nan, dtype=dtype, device=device)
             finite = torch.isfinite(loss) & torch.isfinite(pose.detach()).flatten(1).all(1)
@@ -589,7 +622,7 @@ def _descend(
         for leaf in motion.leaves():
             leaf.requires_grad_(False)
         # score the last pose exactly and keep it where it beats the best one (always, with sparse steps)
-        last = full_loss(render, intr, tgt)
+        last = full_loss(render, intr, tgt, weights)
         with torch.no_grad():
             better = torch.isfinite(last) & (last < level_best)
             best_rot[better] = motion.rotation[better]
@@ -603,12 +636,14 @@ def _descend(
         config.scales[-1].size, max(4, round(config.scales[-1].size * cols0 / rows0))
     )
     final_tgt = _downsample(target, final_intr.rows, final_intr.cols)
+    final_weights = _noise_weights(final_tgt, config.scales[-1].noise_weight)
     render = _level_renderer(renderer, config.scales[-1].physics)
     with torch.no_grad():
         pose = pose_of().detach()
-        loss = full_loss(render, final_intr, final_tgt)
+        loss = full_loss(render, final_intr, final_tgt, final_weights)
         scored = init_pose if initial_pose is None else initial_pose
-        initial = loss_fn(render(Camera(final_intr, scored)), final_tgt).to(dtype)
+        initial = _weighted_loss(loss_fn, render(Camera(final_intr, scored)), final_tgt, final_weights)
+        initial = initial.to(dtype)
     return RegistrationResult(
         pose=pose,
         loss=loss,

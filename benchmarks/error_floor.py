@@ -11,7 +11,7 @@ Example::
 
     python benchmarks/error_floor.py --bench pelvis-200.h5 --ct ../shared/data/pelvis-ct/ct.nii.gz \\
         --cases 8 --size 256 --physics poly --target benchmark --target nonoise \\
-        --loss "0.5*mncc+0.5*gncc" --loss mncc
+        --loss "0.5*mncc+0.5*gncc" --loss mncc --noise-weight 0 --noise-weight 1
 """
 
 from __future__ import annotations
@@ -52,10 +52,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rel-tol", type=float, default=1e-6, help="RegistrationConfig.rel_tol")
     ap.add_argument("--loss", action="append", default=None, help="ImageLoss spec (repeat for several)")
     ap.add_argument(
+        "--noise-weight",
+        action="append",
+        type=float,
+        default=None,
+        help="Scale.noise_weight γ of the level (repeat for several; default 0: every pixel alike)",
+    )
+    ap.add_argument(
         "--target", action="append", default=None, choices=sorted(TARGETS), help="X-rays (repeat)"
     )
     args = ap.parse_args(argv)
     losses = args.loss or ["0.5*mncc+0.5*gncc"]
+    weights = args.noise_weight or [0.0]
     targets = args.target or ["benchmark"]
 
     bench = read_synthetic_benchmark(args.bench)
@@ -66,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{args.bench.name}: first {n} cases, {args.size} px, {args.physics}, {args.steps} steps from the truth"
     )
-    print("| target | loss | mTRE median (mm) | mTRE mean (mm) | per case (mm) |")
-    print("|---|---|---:|---:|---|")
+    print("| target | loss | noise weight γ | mTRE median (mm) | mTRE mean (mm) | per case (mm) |")
+    print("|---|---|---:|---:|---:|---|")
     for target_name in targets:
         model = TARGETS[target_name]
         images = []
@@ -81,12 +89,12 @@ def main(argv: list[str] | None = None) -> int:
                     volume.data, volume.affine, camera, detector_model=model, generator=generator
                 )
                 images.append(image.float())
-        for loss in losses:
+        for loss, gamma in ((loss, gamma) for loss in losses for gamma in weights):
             config = RegistrationConfig(
                 loss=loss,
                 rel_tol=args.rel_tol,
                 search=None,
-                scales=(Scale(args.size, args.steps, 1e-3, 0.1),),
+                scales=(Scale(args.size, args.steps, 1e-3, 0.1, noise_weight=gamma),),
             )
             errors = []
             for i in range(n):
@@ -96,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                 errors.append(float(scored.mtre_mm[0]))
             per_case = ", ".join(f"{e:.2f}" for e in errors)
             print(
-                f"| {target_name} | `{loss}` | {statistics.median(errors):.3f} | {statistics.mean(errors):.3f} "
+                f"| {target_name} | `{loss}` | {gamma:g} | {statistics.median(errors):.3f} | "
+                f"{statistics.mean(errors):.3f} "
                 f"| {per_case} |",
                 flush=True,
             )

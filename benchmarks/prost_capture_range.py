@@ -1,10 +1,11 @@
 """ProST's capture range against CMA-ES alone (issue 6), on the same cases in one run.
 
 Runs, on every selected case and perturbation level of a benchmark file, in this order: ``cmaes`` (the xReg-style
-CMA-ES + BOBYQA baseline), ``prost-cmaes`` (learned-similarity descent, then that CMA-ES with the baseline's
-σ = 15°, 15°, 30°, 50, 50, 100 mm), ``prost-cmaes-narrow`` (the same hand-over with ``--narrow-sigma``: after the
-descent the pose is closer, so CMA-ES starts with a smaller search distribution), ``prost-gncc`` (descent, then
-gradient-NCC descent) and ``diffpose`` (the engine's default: multi-start search + se(3) descent). Writes the
+CMA-ES + BOBYQA baseline), ``prost-cmaes`` (learned-similarity descent, then that CMA-ES with ProST's hand-over
+σ, ``--handover-sigma``, default ``registration.prost.HANDOVER_SIGMA`` = 5°, 5°, 10°, 15, 15, 30 mm: after the
+descent the pose is closer, so CMA-ES starts with a smaller search distribution), ``prost-cmaes-wide`` (the same
+hand-over with the baseline's σ = 15°, 15°, 30°, 50, 50, 100 mm), ``prost-gncc`` (descent, then gradient-NCC
+descent) and ``diffpose`` (the engine's default: multi-start search + se(3) descent). Writes the
 runner's usual outputs (``cases.csv``, ``summary.md``, the capture-range plot ``success_vs_initial_error.png``…)
 to ``--out`` and prints success at 10 mm (the paper's criterion) per method and level with the ratio of each
 ProST → CMA-ES variant to CMA-ES alone.
@@ -31,9 +32,9 @@ from xraypose.learning import load_similarity
 from xraypose.metrics import summarize_by
 from xraypose.registration import CMAESConfig, ProSTConfig
 from xraypose.registration.benchmark import default_method_table, run_benchmark, write_results
-from xraypose.registration.prost import ProSTMethod
+from xraypose.registration.prost import HANDOVER_SIGMA, ProSTMethod
 
-METHODS = ("cmaes", "prost-cmaes", "prost-cmaes-narrow", "prost-gncc", "diffpose")
+METHODS = ("cmaes", "prost-cmaes", "prost-cmaes-wide", "prost-gncc", "diffpose")
 
 
 def _sigma(text: str) -> tuple[float, ...]:
@@ -55,10 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated indices of the file's perturbation levels to run (default: all), e.g. '1,2'",
     )
     ap.add_argument(
-        "--narrow-sigma",
+        "--handover-sigma",
         type=_sigma,
-        default=(5.0, 5.0, 10.0, 15.0, 15.0, 30.0),
-        help="CMA-ES σ of prost-cmaes-narrow: degrees ×3, mm ×3 (default 5,5,10,15,15,30)",
+        default=HANDOVER_SIGMA,
+        help="CMA-ES σ of prost-cmaes: degrees ×3, mm ×3 (default 5,5,10,15,15,30)",
     )
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
     ap.add_argument("--device", default="cpu")
@@ -74,10 +75,10 @@ def main(argv: list[str] | None = None) -> int:
 
     trained = load_similarity(args.similarity)
     table = dict(default_method_table())
-    table["prost-cmaes"] = ProSTMethod(trained, "cmaes")
-    table["prost-cmaes-narrow"] = ProSTMethod(
-        trained, "cmaes", ProSTConfig(cmaes=CMAESConfig(sigma=args.narrow_sigma))
+    table["prost-cmaes"] = ProSTMethod(
+        trained, "cmaes", ProSTConfig(cmaes=CMAESConfig(sigma=args.handover_sigma))
     )
+    table["prost-cmaes-wide"] = ProSTMethod(trained, "cmaes", ProSTConfig(cmaes=CMAESConfig()))
     table["prost-gncc"] = ProSTMethod(trained, "gncc")
 
     start = time.perf_counter()
@@ -92,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         progress=lambda done, total: print(f"\r{done}/{total} runs", end="", flush=True),
     )
     print()
-    results.metadata["prost_cmaes_narrow_sigma"] = list(args.narrow_sigma)
+    results.metadata["prost_cmaes_sigma"] = list(args.handover_sigma)
+    results.metadata["prost_cmaes_wide_sigma"] = list(CMAESConfig().sigma)
     results.metadata["similarity"] = str(args.similarity)
     write_results(results, args.out)
 
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         span = f"{min(seconds):.1f}–{max(seconds):.1f}" if seconds else "—"
         print(f"| {m} | " + " | ".join(cells) + f" | {span} |")
     print()
-    for m in ("prost-cmaes", "prost-cmaes-narrow"):
+    for m in ("prost-cmaes", "prost-cmaes-wide"):
         if m not in methods or "cmaes" not in methods:
             continue
         ratios = []

@@ -239,3 +239,16 @@ def test_cli_benchmark_needs_similarity(tmp_path):
         "--prost-sigma",
         "prost-cmaes",
     )
+
+
+def test_default_handover_is_the_cmaes_baseline_with_a_narrower_sigma():
+    from dataclasses import replace
+
+    from xraypose.registration import CMAESConfig
+    from xraypose.registration.prost import HANDOVER_SIGMA
+
+    handover = ProSTConfig().cmaes
+    assert handover.sigma == HANDOVER_SIGMA == (5.0, 5.0, 10.0, 15.0, 15.0, 30.0)
+    baseline = CMAESConfig()
+    assert all(a < b for a, b in zip(handover.sigma, baseline.sigma, strict=True))
+    assert replace(handover, sigma=baseline.sigma) == baseline

@@ -121,7 +121,7 @@ def benchmark_command(
         str | None,
         typer.Option(
             help="For prost-cmaes: the CMA-ES hand-over's initial σ, six numbers 'rx,ry,rz,tx,ty,tz' in degrees "
-            "and mm (default the cmaes baseline's '15,15,30,50,50,100').",
+            "and mm (default '5,5,10,15,15,30'; the cmaes baseline's is '15,15,30,50,50,100').",
         ),
     ] = None,
     peer_python: Annotated[

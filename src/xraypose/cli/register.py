@@ -122,7 +122,7 @@ def register_command(
         str | None,
         typer.Option(
             help="With --similarity and --refine cmaes: the CMA-ES hand-over's initial σ, six numbers "
-            "'rx,ry,rz,tx,ty,tz' in degrees and mm (default the cmaes baseline's '15,15,30,50,50,100').",
+            "'rx,ry,rz,tx,ty,tz' in degrees and mm (default '5,5,10,15,15,30'; the cmaes baseline's is '15,15,30,50,50,100').",
         ),
     ] = None,
     force: Annotated[bool, typer.Option(help="Overwrite outputs if they exist.")] = False,

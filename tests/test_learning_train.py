@@ -338,8 +338,8 @@ def _ddp_worker(rank: int, world: int, port: int, out: str, cfg: dict) -> None:
     )
 
 
-@pytest.mark.slow
 def test_ddp_two_ranks_match_one_process(ct, intr, tmp_path):
+    # ~25 s on one core: in the default run, so CI checks DDP with 2 gloo processes (the env torchrun sets)
     import torch.multiprocessing as mp
 
     cfg = _config(steps=3, batch_size=4, stages=((1.0, 1.0, 0.0),))

@@ -2,8 +2,9 @@
 
 Runs, on every selected case and perturbation level of a benchmark file, in this order: ``cmaes`` (the xReg-style
 CMA-ES + BOBYQA baseline), ``prost-cmaes`` (learned-similarity descent, then that CMA-ES with ProST's hand-over
-σ, ``--handover-sigma``, default ``registration.prost.HANDOVER_SIGMA`` = 5°, 5°, 10°, 15, 15, 30 mm: after the
-descent the pose is closer, so CMA-ES starts with a smaller search distribution), ``prost-cmaes-wide`` (the same
+σ: ``--prost-sigma`` as on ``xraypose benchmark``, default ``registration.prost.HANDOVER_SIGMA`` = 5°, 5°, 10°,
+15, 15, 30 mm; after the descent the pose is closer, so CMA-ES starts with a smaller search distribution),
+``prost-cmaes-wide`` (the same
 hand-over with the baseline's σ = 15°, 15°, 30°, 50, 50, 100 mm), ``prost-gncc`` (descent, then gradient-NCC
 descent) and ``diffpose`` (the engine's default: multi-start search + se(3) descent). Writes the
 runner's usual outputs (``cases.csv``, ``summary.md``, the capture-range plot ``success_vs_initial_error.png``…)
@@ -24,10 +25,14 @@ Example::
 from __future__ import annotations
 
 import argparse
-import math
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from xraypose.cli import _parse_prost_sigma
+from xraypose.cli.benchmark import _parse_levels
+from xraypose.errors import InputError
 from xraypose.learning import load_similarity
 from xraypose.metrics import summarize_by
 from xraypose.registration import CMAESConfig, ProSTConfig
@@ -37,11 +42,16 @@ from xraypose.registration.prost import HANDOVER_SIGMA, ProSTMethod
 METHODS = ("cmaes", "prost-cmaes", "prost-cmaes-wide", "prost-gncc", "diffpose")
 
 
-def _sigma(text: str) -> tuple[float, ...]:
-    values = tuple(float(v) for v in text.split(","))
-    if len(values) != 6 or not all(math.isfinite(v) and v > 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected six positive numbers 'rx,ry,rz,tx,ty,tz', got {text!r}")
-    return values
+def _argtype(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse ``type=`` from one of the CLI's parsers (one parser for both; its error as argparse's)."""
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except InputError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,12 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-cases", type=int, default=10, help="the first N cases of every level")
     ap.add_argument(
         "--levels",
+        type=_argtype(_parse_levels),
         default=None,
         help="comma-separated indices of the file's perturbation levels to run (default: all), e.g. '1,2'",
     )
     ap.add_argument(
-        "--handover-sigma",
-        type=_sigma,
+        "--prost-sigma",
+        type=_argtype(_parse_prost_sigma),
         default=HANDOVER_SIGMA,
         help="CMA-ES σ of prost-cmaes: degrees ×3, mm ×3 (default 5,5,10,15,15,30)",
     )
@@ -66,17 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="output folder (must not hold a run)")
     args = ap.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    try:
-        levels = None if args.levels is None else [int(v) for v in args.levels.split(",") if v.strip()]
-    except ValueError:
-        ap.error(f"--levels: expected comma-separated integers, got {args.levels!r}")
     if unknown := sorted(set(methods) - set(METHODS)):
         ap.error(f"--methods: unknown {unknown}; choose from {METHODS}")
 
     trained = load_similarity(args.similarity)
     table = dict(default_method_table())
     table["prost-cmaes"] = ProSTMethod(
-        trained, "cmaes", ProSTConfig(cmaes=CMAESConfig(sigma=args.handover_sigma))
+        trained, "cmaes", ProSTConfig(cmaes=CMAESConfig(sigma=args.prost_sigma))
     )
     table["prost-cmaes-wide"] = ProSTMethod(trained, "cmaes", ProSTConfig(cmaes=CMAESConfig()))
     table["prost-gncc"] = ProSTMethod(trained, "gncc")
@@ -87,13 +94,13 @@ def main(argv: list[str] | None = None) -> int:
         methods,
         ct=args.ct,
         max_cases=args.max_cases,
-        levels=levels,
+        levels=args.levels,
         method_table=table,
         device=args.device,
         progress=lambda done, total: print(f"\r{done}/{total} runs", end="", flush=True),
     )
     print()
-    results.metadata["prost_cmaes_sigma"] = list(args.handover_sigma)
+    results.metadata["prost_cmaes_sigma"] = list(args.prost_sigma)
     results.metadata["prost_cmaes_wide_sigma"] = list(CMAESConfig().sigma)
     results.metadata["similarity"] = str(args.similarity)
     write_results(results, args.out)

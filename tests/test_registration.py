@@ -160,8 +160,11 @@ def test_presets():
     assert preset("default") == RegistrationConfig()
     fine = preset("fine", seed=4)
     assert fine.scales[-1].size == 256 and fine.seed == 4 and fine.search is not None
-    assert fine.scales[-1].physics == "poly" and all(s.physics is None for s in fine.scales[:-1])
-    assert fine.scales[:-1] == RegistrationConfig().scales
+    assert fine.scales[0] == RegistrationConfig().scales[0] and fine.scales[0].solver == "adam"
+    assert [(s.size, s.physics, s.solver, s.noise_weight) for s in fine.scales[1:]] == [
+        (128, "poly", "newton", 1.0),
+        (256, "poly", "newton", 1.0),
+    ]
     with pytest.raises(InputError, match="preset"):
         preset("best")
     with pytest.raises(InputError, match="preset 'fine'"):

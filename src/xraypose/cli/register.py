@@ -101,8 +101,8 @@ def register_command(
     preset: Annotated[
         str,
         typer.Option(
-            help="Registration settings: 'default' (search at 32 px, then 64 → 128 px) or 'fine' (adds a "
-            "256 px level: more accurate, about twice the time)."
+            help="Registration settings: 'default' (search at 32 px, then 64 → 128 px) or 'fine' "
+            "(polychromatic 128 and 256 px levels with Newton steps and noise weights: more accurate)."
         ),
     ] = "default",
     similarity: Annotated[

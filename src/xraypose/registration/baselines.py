@@ -12,7 +12,8 @@ run with its defaults):
 - ``"diffpose"``: :func:`~xraypose.registration.register` with its default :class:`RegistrationConfig` —
   a 9-start search at 32 px, then gradient descent (Adam) through the differentiable renderer in se(3) about
   the CT's centre, coarse to fine (64 → 128 px).
-- ``"diffpose-fine"``: the same with the ``"fine"`` preset, ending with a polychromatic full-detector 256 px level.
+- ``"diffpose-fine"``: the same with the ``"fine"`` preset: after the search and the 64 px level, polychromatic
+  128 and 256 px levels with damped Newton steps and quantum-noise pixel weights.
 - ``"cmaes"``: :func:`register_cmaes`, the conventional derivative-free, intensity-based baseline of xReg
   (Grupp et al.): CMA-ES over the 6 pose parameters at 8× detector downsampling (population 100,
   σ = 15°, 15°, 30°, 50, 50, 100 mm), then BOBYQA (nlopt ``LN_BOBYQA``) from the best pose at 4×
@@ -531,7 +532,7 @@ def register_euler_gd(
 
 def _preset_method(name: str) -> MethodFn:
     """A method running :func:`register` with the preset ``name`` (``"default"``: search at 32 px, then
-    64 → 128 px; ``"fine"``: and a final polychromatic full-detector 256 px level)."""
+    64 → 128 px; ``"fine"``: polychromatic Newton levels at 128 and 256 px after the 64 px one)."""
 
     def method(
         renderer: Renderer,

@@ -40,6 +40,7 @@ __all__ = [
     "RegistrationResult",
     "Scale",
     "Search",
+    "Solver",
     "Step",
     "preset",
     "register",
@@ -47,6 +48,7 @@ __all__ = [
 ]
 
 Parameterization = Literal["se3", "euler", "quaternion"]
+Solver = Literal["adam", "newton"]
 LossFn = Callable[..., torch.Tensor]
 
 
@@ -72,6 +74,12 @@ class Scale:
             full-resolution level, where the X-ray's noise, not the capture range, limits the accuracy; it
             needs targets in natural-log units (``−ln(I/I0)``, as :func:`~xraypose.physics.simulate_xray`
             writes them).
+        solver: ``"adam"`` (default; the learning rates are Adam's step sizes) or ``"newton"``: damped
+            Newton steps (Levenberg–Marquardt) on the exact gradient through the renderer, with the Hessian of
+            the loss through the image linearised in the pose (a finite-difference Jacobian of the image,
+            ``n_params`` extra renders in one batch at the start of the level); the learning rates are then
+            the largest step per iteration (a trust radius). Converges in a few steps near the minimum, so it
+            suits the last, most expensive levels; it cannot be combined with ``patches``.
     """
 
     size: int
@@ -81,6 +89,7 @@ class Scale:
     patches: tuple[int, int] | None = None
     physics: Physics | None = None
     noise_weight: float = 0.0
+    solver: Solver = "adam"
 
     def __post_init__(self) -> None:
         if self.size < 4 or self.iterations < 0:
@@ -95,6 +104,10 @@ class Scale:
             raise InputError(f"scale: physics must be None, 'mono' or 'poly', got {self.physics!r}")
         if not (isinstance(self.noise_weight, (int, float)) and 0 <= self.noise_weight < math.inf):
             raise InputError(f"scale: noise_weight must be a finite number ≥ 0, got {self.noise_weight!r}")
+        if self.solver not in ("adam", "newton"):
+            raise InputError(f"scale: solver must be 'adam' or 'newton', got {self.solver!r}")
+        if self.solver == "newton" and self.patches is not None:
+            raise InputError("scale: the 'newton' solver renders the whole detector; set patches=None")
 
 
 def _level_renderer(renderer: Renderer, physics: Physics | None) -> Renderer:
@@ -158,10 +171,12 @@ class RegistrationConfig:
     64 → 128 px (xvr's coarse-to-fine schedule with shorter levels), loss 0.5 × multiscale NCC + 0.5 × gradient
     NCC, learning rates halved after 5 steps without improvement and a level ended after 15. They were tuned on
     the synthetic pelvis and chest benchmarks (``docs/benchmarks.md``): every case from 20°/40 mm converges,
-    in about 3 s per registration on a 2-core CPU. The ``"fine"`` preset adds a full-detector 256 px level
-    rendered polychromatically (``Scale.physics = "poly"``, so it needs a renderer with ``with_physics``, such
-    as :class:`~xraypose.registration.VolumeRenderer`), which lowers the error (the depth along the principal
-    ray is what a single view resolves worst) at 2–3× the time.
+    in about 3 s per registration on a 2-core CPU. The ``"fine"`` preset keeps the search and the 64 px level,
+    then renders polychromatically (``Scale.physics = "poly"``, so it needs a renderer with ``with_physics``,
+    such as :class:`~xraypose.registration.VolumeRenderer`) at 128 px and at the full 256 px detector, each
+    with damped Newton steps (``Scale.solver = "newton"``, a few steps per level) on a loss whose pixels are
+    weighted by their quantum noise (``Scale.noise_weight = 1``): it lowers the error (the depth along the
+    principal ray is what a single view resolves worst) at about the default's time.
 
     Args:
         scales: the coarse-to-fine schedule.
@@ -198,12 +213,16 @@ class RegistrationConfig:
             )
 
 
-#: Named configurations: ``"default"`` (``RegistrationConfig()``) and ``"fine"`` (a final polychromatic
-#: full-detector 256 px level after the default's monochromatic ones).
+#: Named configurations: ``"default"`` (``RegistrationConfig()``) and ``"fine"`` (after the default's search
+#: and 64 px level, polychromatic 128 and 256 px levels with Newton steps and quantum-noise weights).
 PRESETS: dict[str, RegistrationConfig] = {
     "default": RegistrationConfig(),
     "fine": RegistrationConfig(
-        scales=(*RegistrationConfig().scales, Scale(256, 20, 1e-3, 0.1, physics="poly"))
+        scales=(
+            RegistrationConfig().scales[0],
+            Scale(128, 15, 1e-2, 1.0, physics="poly", solver="newton", noise_weight=1.0),
+            Scale(256, 12, 5e-3, 0.5, physics="poly", solver="newton", noise_weight=1.0),
+        )
     ),
 }
 
@@ -316,15 +335,20 @@ class _Motion:
     def leaves(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.rotation, self.translation
 
-    def transform(self) -> torch.Tensor:
-        if self.kind == "se3":
-            return se3_exp(torch.cat([self.translation, self.rotation], -1))
-        if self.kind == "euler":
-            R = euler_to_matrix(self.rotation, "ZYX")
+    def transform(self, params: torch.Tensor | None = None) -> torch.Tensor:
+        """The local motion of the current parameters, or of ``params`` ``(B, n)`` (rotation, translation)."""
+        if params is None:
+            rotation, translation = self.rotation, self.translation
         else:
-            q = self.rotation / self.rotation.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            rotation, translation = params[:, : self.rotation.shape[-1]], params[:, self.rotation.shape[-1] :]
+        if self.kind == "se3":
+            return se3_exp(torch.cat([translation, rotation], -1))
+        if self.kind == "euler":
+            R = euler_to_matrix(rotation, "ZYX")
+        else:
+            q = rotation / rotation.norm(dim=-1, keepdim=True).clamp_min(1e-12)
             R = quaternion_to_matrix(q)
-        return make_transform(R, self.translation)
+        return make_transform(R, translation)
 
 
 def _check_problem(
@@ -519,8 +543,8 @@ def _descend(
 
     motion = _Motion(config.parameterization, B, dtype, device)
 
-    def pose_of() -> torch.Tensor:
-        return compose(init_pose, to_pivot, motion.transform(), from_pivot)
+    def pose_of(params: torch.Tensor | None = None) -> torch.Tensor:
+        return compose(init_pose, to_pivot, motion.transform(params), from_pivot)
 
     gen = torch.Generator().manual_seed(config.seed)
     best_rot, best_trans = (x.clone() for x in motion.leaves())
@@ -537,6 +561,17 @@ def _descend(
         with torch.no_grad():
             return _weighted_loss(loss_fn, render(Camera(intr, pose_of())), tgt, weights).to(dtype)
 
+    def params() -> torch.Tensor:
+        return torch.cat([x.detach() for x in motion.leaves()], -1)
+
+    def set_params(p: torch.Tensor) -> None:
+        nrot = motion.rotation.shape[-1]
+        with torch.no_grad():
+            motion.rotation.copy_(p[:, :nrot])
+            motion.translation.copy_(p[:, nrot:])
+
+    level_best = torch.full((B,), math.inf, dtype=dtype, device=device)
+    scored = False  # the motion holds a pose whose loss at the current level is level_best
     for level, scale in enumerate(config.scales):
         render = _level_renderer(renderer, scale.physics)
         rows = scale.size
@@ -544,16 +579,23 @@ def _descend(
         intr = intrinsics.resized(rows, cols)
         tgt = _downsample(target, rows, cols)
         weights = _noise_weights(tgt, scale.noise_weight)
+        newton: _Newton | None = None
+        opt: torch.optim.Optimizer | None = None
+        # start from the best pose so far (motion holds it), scored at this level
+        if scale.solver == "newton":  # its first step scores the starting pose (and builds the model)
+            level_best = torch.full((B,), math.inf, dtype=dtype, device=device)
+        else:
+            level_best = full_loss(render, intr, tgt, weights)
         for leaf in motion.leaves():
             leaf.requires_grad_(True)
-        opt = torch.optim.Adam(
-            [
-                {"params": [motion.rotation], "lr": scale.lr_rotation},
-                {"params": [motion.translation], "lr": scale.lr_translation},
-            ]
-        )
-        # start from the best pose so far (motion holds it), scored at this level
-        level_best = full_loss(render, intr, tgt, weights)
+        if newton is None:
+            opt = torch.optim.Adam(
+                [
+                    {"params": [motion.rotation], "lr": scale.lr_rotation},
+                    {"params": [motion.translation], "lr": scale.lr_translation},
+                ]
+            )
+        level_best = level_best.to(dtype)
         level_best = torch.where(
             torch.isfinite(level_best), level_best, torch.full_like(level_best, math.inf)
         )
@@ -561,8 +603,13 @@ def _descend(
         since_improve = 0
         since_plateau = 0
         stop_reason = "iterations"
+        scored = True
         for step in range(scale.iterations):
-            opt.zero_grad(set_to_none=True)
+            if opt is not None:
+                opt.zero_grad(set_to_none=True)
+            else:
+                for leaf in motion.leaves():
+                    leaf.grad = None
             pose = pose_of()
             camera = Camera(intr, pose)
             try:
@@ -573,7 +620,14 @@ def _descend(
                     mask = mask if weights is None else mask * weights
                     loss = loss_fn(pred, tgt, mask=mask).to(dtype)
                 else:
-                    loss = _weighted_loss(loss_fn, render(camera), tgt, weights).to(dtype)
+                    pred = render(camera)
+                    loss = _weighted_loss(loss_fn, pred, tgt, weights).to(dtype)
+                    if scale.solver == "newton" and newton is None:
+                        hessian = _newton_hessian(
+                            render, intr, pred.detach(), tgt, weights, loss_fn, params(), pose_of,
+                            motion.rotation.shape[-1],
+                        )
+                        newton = _Newton(hessian, scale, motion.rotation.shape[-1])
             except GeometryError:  # a step put an X-ray source inside the CT: treat it like a divergence
                 loss = torch.full((B,), math.nan, dtype=dtype, device=device)
             finite = torch.isfinite(loss) & torch.isfinite(pose.detach()).flatten(1).all(1)
@@ -588,6 +642,8 @@ def _descend(
                 with torch.no_grad():
                     motion.rotation[~finite] = best_rot[~finite]
                     motion.translation[~finite] = best_trans[~finite]
+                if newton is not None:
+                    newton.restart(~finite)
                 if n_div > config.max_divergences:
                     stop_reason = "diverged"
                     break
@@ -601,35 +657,55 @@ def _descend(
                     level_best = torch.minimum(level_best, loss.detach())
             else:
                 improved = True  # noisy patch losses: rely on the iteration budget and the final check
+            since_improve = 0 if improved else since_improve + 1
+            if since_improve >= config.patience:
+                stop_reason = "plateau"
+                break
+            if step == scale.iterations - 1 and scale.patches is None:
+                break  # the pose just scored is the level's last: no update to score again
             loss.sum().backward()
             grads_ok = all(
                 torch.isfinite(leaf.grad).all() for leaf in motion.leaves() if leaf.grad is not None
             )
             if not grads_ok:
                 n_div += 1
-                opt.zero_grad(set_to_none=True)
+                if opt is not None:
+                    opt.zero_grad(set_to_none=True)
                 continue
-            opt.step()
-            since_improve = 0 if improved else since_improve + 1
-            since_plateau = 0 if improved else since_plateau + 1
-            if since_plateau >= config.plateau_patience:
-                for group in opt.param_groups:
-                    group["lr"] *= config.plateau_factor
-                since_plateau = 0
-            if since_improve >= config.patience:
-                stop_reason = "plateau"
-                break
+            if newton is not None:
+                grad = torch.cat([leaf.grad for leaf in motion.leaves()], -1)  # type: ignore[misc]
+                update, converged = newton.step(params(), loss.detach(), grad)
+                set_params(update)
+                if converged:
+                    stop_reason = "converged"
+                    # the update is below the tolerance: the pose scored last is the level's result
+                    with torch.no_grad():
+                        motion.rotation.copy_(best_rot)
+                        motion.translation.copy_(best_trans)
+                    break
+            else:
+                assert opt is not None
+                opt.step()
+                since_plateau = 0 if improved else since_plateau + 1
+                if since_plateau >= config.plateau_patience:
+                    for group in opt.param_groups:
+                        group["lr"] *= config.plateau_factor
+                    since_plateau = 0
         for leaf in motion.leaves():
             leaf.requires_grad_(False)
-        # score the last pose exactly and keep it where it beats the best one (always, with sparse steps)
-        last = full_loss(render, intr, tgt, weights)
+        if scale.patches is not None:
+            # score the last pose exactly and keep it where it beats the best one (always, with sparse steps)
+            last = full_loss(render, intr, tgt, weights)
+            with torch.no_grad():
+                better = torch.isfinite(last) & (last < level_best)
+                best_rot[better] = motion.rotation[better]
+                best_trans[better] = motion.translation[better]
+                level_best = torch.where(better, last, level_best)
         with torch.no_grad():
-            better = torch.isfinite(last) & (last < level_best)
-            best_rot[better] = motion.rotation[better]
-            best_trans[better] = motion.translation[better]
             motion.rotation.copy_(best_rot)
             motion.translation.copy_(best_trans)
         if stop_reason == "diverged":
+            scored = level == len(config.scales) - 1
             break
 
     final_intr = intrinsics.resized(
@@ -640,9 +716,11 @@ def _descend(
     render = _level_renderer(renderer, config.scales[-1].physics)
     with torch.no_grad():
         pose = pose_of().detach()
-        loss = full_loss(render, final_intr, final_tgt, final_weights)
-        scored = init_pose if initial_pose is None else initial_pose
-        initial = _weighted_loss(loss_fn, render(Camera(final_intr, scored)), final_tgt, final_weights)
+        # the best pose of the last level was scored there (a run stopped early is scored at the last level)
+        loss = level_best if scored else full_loss(render, final_intr, final_tgt, final_weights)
+        loss = torch.where(torch.isfinite(loss), loss, torch.full_like(loss, math.nan))
+        scored_pose = init_pose if initial_pose is None else initial_pose
+        initial = _weighted_loss(loss_fn, render(Camera(final_intr, scored_pose)), final_tgt, final_weights)
         initial = initial.to(dtype)
     return RegistrationResult(
         pose=pose,
@@ -654,3 +732,150 @@ def _descend(
         diverged=diverged,
         seconds=time.perf_counter() - start,
     )
+
+
+#: Finite-difference steps of the image Jacobian of a ``"newton"`` level: rotation parameters (rad; 1 mrad
+#: moves a point 0.1 mm at 100 mm from the pivot) and translation (mm), both far below a voxel.
+_JACOBIAN_STEP_ROTATION = 1e-3
+_JACOBIAN_STEP_TRANSLATION = 0.1
+#: The Jacobian of a ``"newton"`` level is rendered on a detector of at most this many rows (then upsampled).
+_JACOBIAN_MAX_ROWS = 128
+
+
+def _newton_hessian(
+    render: Renderer,
+    intr: Intrinsics,
+    base: torch.Tensor,
+    tgt: torch.Tensor,
+    weights: torch.Tensor | None,
+    loss_fn: LossFn,
+    p0: torch.Tensor,
+    pose_of: Callable[[torch.Tensor], torch.Tensor],
+    nrot: int,
+) -> torch.Tensor:
+    """The ``(B, n, n)`` Hessian of the loss through the image linearised in the parameters about the
+    current ones ``p0`` ``(B, n)``: ``L(I₀ + J δ)`` at ``δ = 0``, ``I₀ = base`` the image rendered at ``p0``.
+
+    ``J`` comes from forward differences (``n + 1`` renders of every problem in one batch, on a detector of
+    at most ``_JACOBIAN_MAX_ROWS`` rows, upsampled); the Hessian from
+    central differences of the exact gradient of that cheap surrogate (image operations only). Its
+    eigenvalues are made positive (absolute values, floored at ``1e-6`` of the largest), so every step it
+    gives descends."""
+    B, n = p0.shape
+    steps = torch.full((n,), _JACOBIAN_STEP_TRANSLATION, dtype=p0.dtype, device=p0.device)
+    steps[:nrot] = _JACOBIAN_STEP_ROTATION
+    with torch.no_grad():
+        shifted = [pose_of(p0)]
+        for k in range(n):
+            p = p0.clone()
+            p[:, k] += steps[k]
+            shifted.append(pose_of(p))
+        # the Jacobian only shapes the steps (the gradients are exact): a coarser detector will do
+        factor = max(1, math.ceil(intr.rows / _JACOBIAN_MAX_ROWS))
+        coarse = intr if factor == 1 else intr.resized(max(4, intr.rows // factor), max(4, intr.cols // factor))
+        images = render(Camera(coarse, torch.cat(shifted)))
+        images = images.view(n + 1, B, *images.shape[1:])
+        jac = (images[1:] - images[:1]) / steps.view(n, *([1] * (images.ndim - 1))).to(images.dtype)
+        jac = jac.transpose(0, 1)  # (B, n, rows, cols) of the coarse detector
+        if factor > 1:
+            jac = F.interpolate(jac, size=base.shape[-2:], mode="bilinear", align_corners=False)
+
+    def surrogate_grad(delta: torch.Tensor) -> torch.Tensor:
+        delta = delta.to(base.dtype).requires_grad_(True)
+        with torch.enable_grad():
+            image = base + torch.einsum("bn,bn...->b...", delta, jac)
+            (grad,) = torch.autograd.grad(_weighted_loss(loss_fn, image, tgt, weights).sum(), delta)
+        return grad.to(p0.dtype)
+
+    hessian = torch.empty(B, n, n, dtype=p0.dtype, device=p0.device)
+    for k in range(n):
+        e = torch.zeros_like(p0)
+        e[:, k] = steps[k]
+        hessian[:, :, k] = (surrogate_grad(e) - surrogate_grad(-e)) / (2 * steps[k])
+    hessian = 0.5 * (hessian + hessian.transpose(1, 2))
+    evals, evecs = torch.linalg.eigh(hessian.double())
+    evals = evals.abs()
+    evals = torch.maximum(evals, 1e-6 * evals.amax(-1, keepdim=True).clamp_min(1e-30))
+    hessian = (evecs * evals.unsqueeze(-2)) @ evecs.transpose(1, 2)
+    return hessian.to(p0.dtype)
+
+
+class _Newton:
+    """Levenberg–Marquardt steps ``δ = −(H + λ diag H)⁻¹ g`` with a fixed Hessian ``H`` and exact gradients
+    ``g``, per problem: a step that raised the loss is taken back (the next step starts from the previous
+    parameters with ``λ`` × 4), an accepted one divides ``λ`` by 3; steps are shrunk to the level's trust
+    radius (its learning rates: rotation rad, translation mm)."""
+
+    #: A step whose model decrease is below this fraction of |loss| counts as converged.
+    TOLERANCE = 1e-6
+    #: ... as does a step shorter than this fraction of the trust radius (the level's learning rates).
+    STEP_TOLERANCE = 0.05
+    #: Consecutive rejected steps after which a problem counts as converged (its loss is flat at this scale).
+    MAX_REJECTIONS = 2
+
+    def __init__(self, hessian: torch.Tensor, scale: Scale, nrot: int) -> None:
+        self.hessian = hessian
+        self.nrot = nrot
+        self.max_rotation = scale.lr_rotation
+        self.max_translation = scale.lr_translation
+        self.lam = torch.full((hessian.shape[0],), 1e-2, dtype=hessian.dtype, device=hessian.device)
+        self.radius = torch.ones_like(self.lam)  # in units of the level's learning rates
+        self.last_length = torch.ones_like(self.lam)
+        self.rejections = torch.zeros_like(self.lam, dtype=torch.long)
+        self.previous: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def _bfgs_update(self, s: torch.Tensor, y: torch.Tensor) -> None:
+        """Correct the Hessian with the curvature measured between two exact gradients (BFGS), per problem,
+        where it is positive (a step and its gradient change ``s``, ``y``, both ``(B, n)``)."""
+        Hs = torch.einsum("bij,bj->bi", self.hessian, s)
+        sHs = (s * Hs).sum(-1)
+        sy = (s * y).sum(-1)
+        ok = (sy > 1e-12 * s.norm(dim=-1) * y.norm(dim=-1)) & (sHs > 0) & torch.isfinite(sy)
+        if not bool(ok.any()):
+            return
+        sHs = torch.where(ok, sHs, torch.ones_like(sHs))
+        sy = torch.where(ok, sy, torch.ones_like(sy))
+        update = y[:, :, None] * y[:, None, :] / sy[:, None, None] - Hs[:, :, None] * Hs[:, None, :] / sHs[
+            :, None, None
+        ]
+        self.hessian = self.hessian + torch.where(ok[:, None, None], update, torch.zeros_like(update))
+
+    def restart(self, problems: torch.Tensor) -> None:
+        """Problems whose step was not finite (their best pose restored): damp their next steps more."""
+        self.lam = torch.where(problems, self.lam * 4, self.lam)
+        if self.previous is not None:
+            p, loss, g = self.previous
+            self.previous = (p, torch.where(problems, torch.full_like(loss, math.inf), loss), g)
+
+    def step(
+        self, p: torch.Tensor, loss: torch.Tensor, grad: torch.Tensor
+    ) -> tuple[torch.Tensor, bool]:
+        """The next parameters ``(B, n)`` from the current ones, their loss and gradient; and whether every
+        problem's step is below the tolerance."""
+        if self.previous is not None:
+            p_prev, loss_prev, g_prev = self.previous
+            self._bfgs_update(p - p_prev, grad - g_prev)
+            worse = ~(loss <= loss_prev)
+            # a rejected step: back to the previous parameters, with half the radius and more damping
+            self.radius = torch.where(worse, 0.5 * self.last_length, (2 * self.radius).clamp(max=1.0))
+            self.rejections = torch.where(worse, self.rejections + 1, torch.zeros_like(self.rejections))
+            p = torch.where(worse[:, None], p_prev, p)
+            grad = torch.where(worse[:, None], g_prev, grad)
+            loss = torch.where(worse, loss_prev, loss)
+            self.lam = torch.where(worse, self.lam * 4, self.lam / 3).clamp(1e-6, 1e6)
+        self.previous = (p, loss, grad)
+        system = self.hessian + self.lam[:, None, None] * torch.diag_embed(self.hessian.diagonal(dim1=1, dim2=2))
+        delta = -torch.linalg.solve(system, grad.unsqueeze(-1)).squeeze(-1)
+        # step length in units of the trust radius (the level's learning rates): at most self.radius
+        length = torch.maximum(
+            delta[:, : self.nrot].norm(dim=-1) / self.max_rotation,
+            delta[:, self.nrot :].norm(dim=-1) / self.max_translation,
+        )
+        delta = delta * (self.radius / length.clamp_min(1e-30)).clamp(max=1.0)[:, None]
+        self.last_length = torch.minimum(length, self.radius)
+        decrease = -(grad * delta).sum(-1) - 0.5 * torch.einsum("bi,bij,bj->b", delta, self.hessian, delta)
+        small = (decrease <= self.TOLERANCE * loss.abs().clamp_min(1e-12)) | (
+            self.last_length < self.STEP_TOLERANCE
+        )
+        converged = bool((small | (self.rejections >= self.MAX_REJECTIONS)).all())
+        return p + delta, converged

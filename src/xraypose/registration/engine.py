@@ -221,7 +221,7 @@ PRESETS: dict[str, RegistrationConfig] = {
         scales=(
             RegistrationConfig().scales[0],
             Scale(128, 15, 1e-2, 1.0, physics="poly", solver="newton", noise_weight=1.0),
-            Scale(256, 12, 5e-3, 0.5, physics="poly", solver="newton", noise_weight=1.0),
+            Scale(256, 6, 5e-3, 0.5, physics="poly", solver="newton", noise_weight=1.0),
         )
     ),
 }

@@ -61,6 +61,26 @@ def test_register_recovers_the_pose_and_writes_pictures(case):
         assert im.n_frames > 2
 
 
+def test_register_fine_preset(case, tmp_path: Path):
+    """The ``fine`` preset (polychromatic Newton levels) runs through the CLI and keeps the pose."""
+    folder, ct, truth, init, landmarks = case
+    volume = load_default_ct(with_labels=False)
+    intr = Intrinsics.load(folder / "camera.json")
+    with torch.no_grad():  # a polychromatic X-ray, as real ones are
+        image = VolumeRenderer(volume, "poly")(Camera(intr, truth))[0]
+    np.save(tmp_path / "poly.npy", image.numpy())
+    out = tmp_path / "fine.json"
+    result = invoke(
+        "register", "--ct", ct, "--xray", tmp_path / "poly.npy", "--camera", folder / "camera.json",
+        "--init", folder / "init.json", "--out", out, "--preset", "fine",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    record = json.loads(out.read_text())
+    assert record["preset"] == "fine" and record["loss"] < record["initial_loss"]
+    pose = torch.tensor(record["pose_camera_to_world"], dtype=torch.float32)
+    assert float(mtre(pose, truth, landmarks)[0]) < 0.5 < float(mtre(init, truth, landmarks)[0])
+
+
 def test_register_bad_input(case, tmp_path: Path):
     folder, ct, *_ = case
     args = ["--ct", ct, "--camera", folder / "camera.json", "--init", folder / "init.json"]

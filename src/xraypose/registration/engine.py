@@ -57,7 +57,8 @@ class Scale:
     """One level of the coarse-to-fine schedule.
 
     Args:
-        size: detector rows at this level (columns follow the detector's aspect ratio).
+        size: detector rows at this level (columns follow the detector's aspect ratio); a level is never
+            rendered finer than the X-ray itself (its rows cap ``size``).
         iterations: at most this many steps.
         lr_rotation: Adam step size of the rotation parameters (rad for se(3) and Euler).
         lr_translation: Adam step size of the translation parameters (mm).
@@ -574,8 +575,8 @@ def _descend(
     scored = False  # the motion holds a pose whose loss at the current level is level_best
     for level, scale in enumerate(config.scales):
         render = _level_renderer(renderer, scale.physics)
-        rows = scale.size
-        cols = max(4, round(scale.size * cols0 / rows0))
+        rows = min(scale.size, rows0)  # never finer than the X-ray: upsampling it adds only blocky edges
+        cols = max(4, round(rows * cols0 / rows0))
         intr = intrinsics.resized(rows, cols)
         tgt = _downsample(target, rows, cols)
         weights = _noise_weights(tgt, scale.noise_weight)
@@ -708,9 +709,8 @@ def _descend(
             scored = level == len(config.scales) - 1
             break
 
-    final_intr = intrinsics.resized(
-        config.scales[-1].size, max(4, round(config.scales[-1].size * cols0 / rows0))
-    )
+    final_rows = min(config.scales[-1].size, rows0)
+    final_intr = intrinsics.resized(final_rows, max(4, round(final_rows * cols0 / rows0)))
     final_tgt = _downsample(target, final_intr.rows, final_intr.cols)
     final_weights = _noise_weights(final_tgt, config.scales[-1].noise_weight)
     render = _level_renderer(renderer, config.scales[-1].physics)

@@ -349,3 +349,16 @@ def test_newton_rejects_a_step_that_raised_the_loss_and_respects_the_trust_radiu
         if converged:
             break
     assert converged and float((p - minimum).norm()) < 0.05
+
+
+def test_a_newton_level_without_steps_still_scores_its_pose(scene):
+    renderer, intr, _, target, init, _ = scene
+    config = RegistrationConfig(
+        scales=(Scale(32, 10, 3e-2, 3.0, solver="newton"), Scale(64, 0, solver="newton")), search=None
+    )
+    result = register(renderer, target, intr, init, config)
+    loss_fn = ImageLoss.parse(config.loss)
+    tgt = torch.nn.functional.interpolate(target[:, None], size=(64, 64), mode="area")[:, 0]
+    with torch.no_grad():
+        expected = loss_fn(renderer(Camera(intr.resized(64, 64), result.pose)), tgt)
+    assert bool(torch.isfinite(result.loss).all()) and torch.allclose(result.loss, expected, atol=1e-5)

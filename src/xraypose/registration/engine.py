@@ -286,6 +286,13 @@ def _loss_fn(loss: str | LossFn) -> LossFn:
     return ImageLoss.parse(loss)  # type: ignore[return-value]
 
 
+def _level_intrinsics(intrinsics: Intrinsics, size: int) -> Intrinsics:
+    """The detector of a level of ``size`` rows (aspect kept), never finer than ``intrinsics`` itself:
+    upsampling the X-ray would only add blocky edges."""
+    rows = min(size, intrinsics.rows)
+    return intrinsics.resized(rows, max(4, round(rows * intrinsics.cols / intrinsics.rows)))
+
+
 def _downsample(image: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     if image.shape[-2:] == (rows, cols):
         return image
@@ -554,7 +561,6 @@ def _descend(
     poses: list[torch.Tensor] = []
     stop_reason = "iterations"
     n_div = 0
-    rows0, cols0 = intrinsics.rows, intrinsics.cols
 
     def full_loss(
         render: Renderer, intr: Intrinsics, tgt: torch.Tensor, weights: torch.Tensor | None
@@ -571,13 +577,10 @@ def _descend(
             motion.rotation.copy_(p[:, :nrot])
             motion.translation.copy_(p[:, nrot:])
 
-    level_best = torch.full((B,), math.inf, dtype=dtype, device=device)
-    scored = False  # the motion holds a pose whose loss at the current level is level_best
     for level, scale in enumerate(config.scales):
         render = _level_renderer(renderer, scale.physics)
-        rows = min(scale.size, rows0)  # never finer than the X-ray: upsampling it adds only blocky edges
-        cols = max(4, round(rows * cols0 / rows0))
-        intr = intrinsics.resized(rows, cols)
+        intr = _level_intrinsics(intrinsics, scale.size)
+        rows, cols = intr.rows, intr.cols
         tgt = _downsample(target, rows, cols)
         weights = _noise_weights(tgt, scale.noise_weight)
         newton: _Newton | None = None
@@ -589,14 +592,13 @@ def _descend(
             level_best = full_loss(render, intr, tgt, weights)
         for leaf in motion.leaves():
             leaf.requires_grad_(True)
-        if newton is None:
+        if scale.solver == "adam":
             opt = torch.optim.Adam(
                 [
                     {"params": [motion.rotation], "lr": scale.lr_rotation},
                     {"params": [motion.translation], "lr": scale.lr_translation},
                 ]
             )
-        level_best = level_best.to(dtype)
         level_best = torch.where(
             torch.isfinite(level_best), level_best, torch.full_like(level_best, math.inf)
         )
@@ -604,7 +606,6 @@ def _descend(
         since_improve = 0
         since_plateau = 0
         stop_reason = "iterations"
-        scored = True
         for step in range(scale.iterations):
             if opt is not None:
                 opt.zero_grad(set_to_none=True)
@@ -677,12 +678,8 @@ def _descend(
                 grad = torch.cat([leaf.grad for leaf in motion.leaves()], -1)  # type: ignore[misc]
                 update, converged = newton.step(params(), loss.detach(), grad)
                 set_params(update)
-                if converged:
+                if converged:  # the update is below the tolerance: the best pose scored is the result
                     stop_reason = "converged"
-                    # the update is below the tolerance: the pose scored last is the level's result
-                    with torch.no_grad():
-                        motion.rotation.copy_(best_rot)
-                        motion.translation.copy_(best_trans)
                     break
             else:
                 assert opt is not None
@@ -694,8 +691,9 @@ def _descend(
                     since_plateau = 0
         for leaf in motion.leaves():
             leaf.requires_grad_(False)
-        if scale.patches is not None:
-            # score the last pose exactly and keep it where it beats the best one (always, with sparse steps)
+        if scale.patches is not None or not bool(torch.isfinite(level_best).all()):
+            # score the last pose exactly and keep it where it beats the best one (always with sparse steps;
+            # and where no step scored it, e.g. a Newton level of 0 iterations)
             last = full_loss(render, intr, tgt, weights)
             with torch.no_grad():
                 better = torch.isfinite(last) & (last < level_best)
@@ -706,11 +704,11 @@ def _descend(
             motion.rotation.copy_(best_rot)
             motion.translation.copy_(best_trans)
         if stop_reason == "diverged":
-            scored = level == len(config.scales) - 1
             break
 
-    final_rows = min(config.scales[-1].size, rows0)
-    final_intr = intrinsics.resized(final_rows, max(4, round(final_rows * cols0 / rows0)))
+    # the motion holds the last level's best pose, scored there, unless a divergence ended the run earlier
+    scored = level == len(config.scales) - 1
+    final_intr = _level_intrinsics(intrinsics, config.scales[-1].size)
     final_tgt = _downsample(target, final_intr.rows, final_intr.cols)
     final_weights = _noise_weights(final_tgt, config.scales[-1].noise_weight)
     render = _level_renderer(renderer, config.scales[-1].physics)

@@ -44,7 +44,7 @@ __all__ = ["TritonThreshold", "TritonTrilinear", "triton_available"]
 
 _BLOCK = 64  # rays per program
 _NUM_WARPS = 4
-_LAYOUTS = DerivedCache(capacity=4)
+_LAYOUTS = DerivedCache(capacity=16, max_bytes=2 << 30)  # GPU copies: a tighter byte budget
 
 
 @functools.cache

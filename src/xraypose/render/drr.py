@@ -126,7 +126,8 @@ def _block_centre_matrix(factors: tuple[int, int, int], like: torch.Tensor) -> t
     return scale
 
 
-_DERIVED = DerivedCache(capacity=8)
+# pyramid levels, support boxes and classified volumes of every level, physics model and transfer in use
+_DERIVED = DerivedCache(capacity=32, max_bytes=2 << 30)
 
 
 def _pyramid_level(

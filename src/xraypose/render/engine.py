@@ -93,7 +93,8 @@ def support_box(vol: torch.Tensor) -> tuple[tuple[float, float, float], tuple[fl
     return None if full else (tuple(lo), tuple(hi))  # type: ignore[return-value]
 
 
-_LAYOUTS = DerivedCache(capacity=6)
+# kernel layouts (a permuted, padded copy per volume level and ray order) and their occupancy maps
+_LAYOUTS = DerivedCache(capacity=24, max_bytes=3 << 30)
 
 
 def _kernel_layout(vol: torch.Tensor, perm: tuple[int, ...], pad: bool) -> np.ndarray:

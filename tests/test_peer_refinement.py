@@ -16,7 +16,10 @@ import ast
 import json
 import math
 import os
+import signal
+import subprocess
 import sys
+import time
 from importlib.resources import files
 from pathlib import Path
 from types import SimpleNamespace
@@ -562,3 +565,43 @@ def test_real_peers_refine(scene, name: str) -> None:
     if name == "peer-xvr":  # xvr's small steps stay at the truth; DiffPose's Adam (7.5 mm) wanders a few mm
         stay = method(scene.renderer, scene.target, scene.intr, scene.truth)
         assert _mtre(stay.pose, scene) < 1.0
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_cli_sigterm_stops_the_peer_process(bench_path: Path, tmp_path: Path) -> None:
+    """``kill`` (SIGTERM) of ``xraypose benchmark`` ends the peer process it is waiting on, instead of leaving
+    it to run alone."""
+    pidfile = tmp_path / "peer.pid"
+    python = tmp_path / "python"
+    versions = '{"torch": "2.14.1", "diffdrr": "0.6.1", "nanodrr": "0.1.7"}'
+    python.write_text(
+        f'#!/bin/sh\nif [ "$1" = "-c" ]; then echo \'{versions}\'; exit 0; fi\n'
+        f"echo $$ > {pidfile}.tmp && mv {pidfile}.tmp {pidfile}\nexec sleep 120\n"
+    )
+    python.chmod(0o755)
+    cmd = [sys.executable, "-c", "from xraypose.cli import main; main()", "benchmark", "--bench", str(bench_path),
+           "--out", str(tmp_path / "out"), "--method", "peer-xvr", "--peer-python", str(python)]  # fmt: skip
+    cli = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not pidfile.exists():
+            assert cli.poll() is None, cli.communicate()[0]
+            assert time.monotonic() < deadline, "the fake peer never started"
+            time.sleep(0.1)
+        peer_pid = int(pidfile.read_text())
+        cli.send_signal(signal.SIGTERM)
+        output, _ = cli.communicate(timeout=60)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+    assert cli.returncode == 128 + signal.SIGTERM, output
+    for _ in range(100):
+        try:
+            os.kill(peer_pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(peer_pid, signal.SIGKILL)
+        pytest.fail("the peer process outlived the benchmark it belonged to")
+    assert not (tmp_path / "out" / "cases.csv").exists()

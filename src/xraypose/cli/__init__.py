@@ -5,10 +5,14 @@ Every command prints one clear ``error:`` line and exits with status 2 on bad in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -95,6 +99,26 @@ def _compare_titles(kvp: float) -> dict[str, str]:
 def _fail(message: str) -> None:
     console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """While the block runs, SIGTERM (``kill``, a batch scheduler's stop) raises ``SystemExit(143)`` instead of
+    ending the process at once, so that cleanup runs: a peer process started by ``subprocess.run`` is killed
+    with it (it would otherwise go on alone for minutes) and temporary folders are removed. Ctrl-C already
+    reaches the whole process group. A no-op outside the main thread, where handlers cannot be set."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _floats(text: str) -> tuple[float, ...]:

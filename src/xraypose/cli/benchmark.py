@@ -22,7 +22,7 @@ from rich.progress import (
 )
 
 from ..errors import FileFormatError, InputError, XrayposeError
-from . import _fail, _parse_prost_sigma, app, console
+from . import _fail, _parse_prost_sigma, _sigterm_as_exit, app, console
 
 
 class BenchPhysics(str, Enum):
@@ -271,21 +271,22 @@ def benchmark_command(
             def progress(done: int, total: int) -> None:
                 bar.update(task, completed=done, total=total)
 
-            results = runner.run_benchmark(
-                bench,
-                methods,
-                ct=ct,
-                levels=level_ids,
-                max_cases=max_cases,
-                physics=physics.value,
-                seed=seed,
-                progress=progress,
-                method_table=table,
-                device=device,
-                init=init.value,
-                model=model,
-                allow_new_patient=allow_new_patient,
-            )
+            with _sigterm_as_exit():
+                results = runner.run_benchmark(
+                    bench,
+                    methods,
+                    ct=ct,
+                    levels=level_ids,
+                    max_cases=max_cases,
+                    physics=physics.value,
+                    seed=seed,
+                    progress=progress,
+                    method_table=table,
+                    device=device,
+                    init=init.value,
+                    model=model,
+                    allow_new_patient=allow_new_patient,
+                )
         paths = runner.write_results(results, out, force=force)
         report = paths["summary.md"].read_text(encoding="utf-8")
     except XrayposeError as exc:

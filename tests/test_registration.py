@@ -362,3 +362,24 @@ def test_a_newton_level_without_steps_still_scores_its_pose(scene):
     with torch.no_grad():
         expected = loss_fn(renderer(Camera(intr.resized(64, 64), result.pose)), tgt)
     assert bool(torch.isfinite(result.loss).all()) and torch.allclose(result.loss, expected, atol=1e-5)
+
+
+def test_levels_and_scores_never_render_finer_than_the_xray(registration_scene) -> None:
+    """A level (or a score) asking for more rows than the X-ray has is rendered at the X-ray's own size, so the
+    loss register reports equals the one the refinements' scorer computes for the same pose."""
+    from xraypose.registration.engine import _level_intrinsics, _score
+
+    renderer, intr, _, target, init, _ = registration_scene(32)
+    wide = Intrinsics(sdd=1020.0, rows=32, cols=48, dy=9.6, dx=9.6)
+    capped = _level_intrinsics(wide, 128)
+    assert (capped.rows, capped.cols) == (32, 48)
+    half = _level_intrinsics(wide, 16)
+    assert (half.rows, half.cols) == (16, 24) and half.dx == pytest.approx(19.2)
+    loss = "0.5*mncc+0.5*gncc"
+    at_own = _score(renderer, target, intr, init, loss, 32)
+    at_more = _score(renderer, target, intr, init, loss, 128)
+    assert torch.allclose(at_more, at_own) and bool((at_own > 0.01).all())
+    cfg = RegistrationConfig(scales=(Scale(128, 3, 1e-2, 1.0),), search=None, loss=loss)
+    result = register(renderer, target, intr, init, cfg)
+    assert torch.allclose(result.initial_loss, at_own, atol=1e-6)
+    assert torch.allclose(result.loss, _score(renderer, target, intr, result.pose, loss, 32), atol=1e-6)

@@ -321,12 +321,12 @@ def _weighted_loss(
 def _score(
     renderer: Renderer, target: torch.Tensor, intrinsics: Intrinsics, pose: torch.Tensor, loss: Any, rows: int
 ) -> torch.Tensor:
-    """Loss ``(B,)`` of ``pose`` at a detector of ``rows`` rows (aspect kept), without gradients: how the
-    refinements and the ``none`` method score a pose."""
-    cols = max(4, round(rows * intrinsics.cols / intrinsics.rows))
-    intr = intrinsics.resized(rows, cols)
+    """Loss ``(B,)`` of ``pose`` at a detector of ``rows`` rows (aspect kept; never finer than the X-ray, as a
+    level of :func:`register`), without gradients: how the refinements and the ``none`` method score a pose."""
+    intr = _level_intrinsics(intrinsics, rows)
     with torch.no_grad():
-        return _loss_fn(loss)(renderer(Camera(intr, pose)), _downsample(target, rows, cols)).to(pose.dtype)
+        image = renderer(Camera(intr, pose))
+        return _loss_fn(loss)(image, _downsample(target, intr.rows, intr.cols)).to(pose.dtype)
 
 
 class _Motion:
@@ -626,7 +626,14 @@ def _descend(
                     loss = _weighted_loss(loss_fn, pred, tgt, weights).to(dtype)
                     if scale.solver == "newton" and newton is None:
                         hessian = _newton_hessian(
-                            render, intr, pred.detach(), tgt, weights, loss_fn, params(), pose_of,
+                            render,
+                            intr,
+                            pred.detach(),
+                            tgt,
+                            weights,
+                            loss_fn,
+                            params(),
+                            pose_of,
                             motion.rotation.shape[-1],
                         )
                         newton = _Newton(hessian, scale, motion.rotation.shape[-1])
@@ -770,7 +777,9 @@ def _newton_hessian(
             shifted.append(pose_of(p))
         # the Jacobian only shapes the steps (the gradients are exact): a coarser detector will do
         factor = max(1, math.ceil(intr.rows / _JACOBIAN_MAX_ROWS))
-        coarse = intr if factor == 1 else intr.resized(max(4, intr.rows // factor), max(4, intr.cols // factor))
+        coarse = (
+            intr if factor == 1 else intr.resized(max(4, intr.rows // factor), max(4, intr.cols // factor))
+        )
         images = render(Camera(coarse, torch.cat(shifted)))
         images = images.view(n + 1, B, *images.shape[1:])
         jac = (images[1:] - images[:1]) / steps.view(n, *([1] * (images.ndim - 1))).to(images.dtype)
@@ -833,9 +842,10 @@ class _Newton:
             return
         sHs = torch.where(ok, sHs, torch.ones_like(sHs))
         sy = torch.where(ok, sy, torch.ones_like(sy))
-        update = y[:, :, None] * y[:, None, :] / sy[:, None, None] - Hs[:, :, None] * Hs[:, None, :] / sHs[
-            :, None, None
-        ]
+        update = (
+            y[:, :, None] * y[:, None, :] / sy[:, None, None]
+            - Hs[:, :, None] * Hs[:, None, :] / sHs[:, None, None]
+        )
         self.hessian = self.hessian + torch.where(ok[:, None, None], update, torch.zeros_like(update))
 
     def restart(self, problems: torch.Tensor) -> None:
@@ -845,9 +855,7 @@ class _Newton:
             p, loss, g = self.previous
             self.previous = (p, torch.where(problems, torch.full_like(loss, math.inf), loss), g)
 
-    def step(
-        self, p: torch.Tensor, loss: torch.Tensor, grad: torch.Tensor
-    ) -> tuple[torch.Tensor, bool]:
+    def step(self, p: torch.Tensor, loss: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """The next parameters ``(B, n)`` from the current ones, their loss and gradient; and whether every
         problem's step is below the tolerance."""
         if self.previous is not None:
@@ -862,7 +870,9 @@ class _Newton:
             loss = torch.where(worse, loss_prev, loss)
             self.lam = torch.where(worse, self.lam * 4, self.lam / 3).clamp(1e-6, 1e6)
         self.previous = (p, loss, grad)
-        system = self.hessian + self.lam[:, None, None] * torch.diag_embed(self.hessian.diagonal(dim1=1, dim2=2))
+        system = self.hessian + self.lam[:, None, None] * torch.diag_embed(
+            self.hessian.diagonal(dim1=1, dim2=2)
+        )
         delta = -torch.linalg.solve(system, grad.unsqueeze(-1)).squeeze(-1)
         # step length in units of the trust radius (the level's learning rates): at most self.radius
         length = torch.maximum(

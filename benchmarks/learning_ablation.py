@@ -99,7 +99,15 @@ def main(argv: list[str] | None = None) -> int:
         if not (model / "model.safetensors").is_file():
             t0 = time.perf_counter()
             cmd = [*exe, "train", "--ct", str(args.ct), "--camera", str(args.camera), "--out", str(model)]
-            cmd += ["--steps", str(args.steps), "--seed", str(args.seed), "--device", args.device, "--no-progress"]
+            cmd += [
+                "--steps",
+                str(args.steps),
+                "--seed",
+                str(args.seed),
+                "--device",
+                args.device,
+                "--no-progress",
+            ]
             cmd += ["--labels", str(args.labels)] if args.labels else []
             cmd += ["--backbone", args.backbone] if args.backbone else []
             _run([*cmd, *flags])

@@ -452,8 +452,11 @@ def test_occupancy_marks_exactly_the_blocks_whose_samples_can_read_a_non_zero_vo
         for bj in range(occ.shape[1]):
             for bk in range(occ.shape[2]):
                 # cells with lower corner in the block read voxels up to (b + 1)·size inclusive
-                window = nz[bi * size : bi * size + size + 1, bj * size : bj * size + size + 1,
-                            bk * size : bk * size + size + 1]
+                window = nz[
+                    bi * size : bi * size + size + 1,
+                    bj * size : bj * size + size + 1,
+                    bk * size : bk * size + size + 1,
+                ]
                 assert occ[bi, bj, bk] == int(window.any()), (bi, bj, bk)
     assert 0 < occ.mean() < 0.5
     # an everywhere non-zero volume gets one block: nothing to skip
@@ -486,7 +489,9 @@ def test_empty_space_skipping_changes_neither_the_image_nor_the_pose_gradient(me
     intr = Intrinsics(sdd=700.0, rows=17, cols=15, dy=14.0, dx=14.0)
     views = [(17.0, -11.0, 5.0), (0.0, 0.0, 0.0), (90.0, 0.0, 0.0), (33.0, 41.0, -20.0)]
     for lao, cran, inplane in views:
-        base = carm_pose(lao, cran, inplane, source_to_isocenter=350.0, isocenter=(1.0, -2.0, 0.5), dtype=dtype)
+        base = carm_pose(
+            lao, cran, inplane, source_to_isocenter=350.0, isocenter=(1.0, -2.0, 0.5), dtype=dtype
+        )
         outs = {}
         for backend in ("fused", "reference"):
             xi = torch.zeros(1, 6, dtype=dtype, requires_grad=True)

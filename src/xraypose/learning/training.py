@@ -340,12 +340,6 @@ def pose_losses(
 # --------------------------------------------------------------------------------------------------
 
 
-
-
-
-
-
-
 class ModelCardWarning(UserWarning):
     """A model is used on a CT it was not trained on (a patient-agnostic model on a new patient)."""
 
@@ -605,16 +599,6 @@ def _all_mean(values: torch.Tensor, world: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 # Checkpoints and logs
 # --------------------------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
 
 
 def _weights_sha256(model: torch.nn.Module) -> str:

@@ -223,7 +223,9 @@ def setup_rays(
     ray_mm = np.empty(R, dtype)
     nsamp = np.empty(R, np.int32)
     occ, shift = cells if cells is not None else _NO_CELLS
-    _setup(M, pix, lo, hi, A, float(step), int(fixed_n), occ, shift, src, dirv, t0, t1, ax0, ax1, ray_mm, nsamp)
+    _setup(
+        M, pix, lo, hi, A, float(step), int(fixed_n), occ, shift, src, dirv, t0, t1, ax0, ax1, ray_mm, nsamp
+    )
     return src, dirv, t0, t1, ax0, ax1, ray_mm, nsamp
 
 

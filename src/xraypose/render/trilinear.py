@@ -197,7 +197,9 @@ def _forward(volp, occ, shift, src, dirv, t0, t1, nsamp, out):  # pragma: no cov
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def _backward(volp, occ, shift, src, dirv, t0, t1, nsamp, grad_out, g_src, g_dirv, g_t0, g_t1):  # pragma: no cover
+def _backward(
+    volp, occ, shift, src, dirv, t0, t1, nsamp, grad_out, g_src, g_dirv, g_t0, g_t1
+):  # pragma: no cover
     C, Ip, Jp, Kp = volp.shape
     sj = Kp
     si = Jp * Kp

@@ -334,8 +334,8 @@ class _Motion:
 
     def __init__(self, kind: Parameterization, B: int, dtype: torch.dtype, device: torch.device) -> None:
         self.kind = kind
-        nrot = 4 if kind == "quaternion" else 3
-        self.rotation = torch.zeros(B, nrot, dtype=dtype, device=device)
+        self.nrot = 4 if kind == "quaternion" else 3  # rotation parameters; then 3 of translation
+        self.rotation = torch.zeros(B, self.nrot, dtype=dtype, device=device)
         if kind == "quaternion":
             self.rotation[:, 0] = 1.0
         self.translation = torch.zeros(B, 3, dtype=dtype, device=device)
@@ -343,12 +343,22 @@ class _Motion:
     def leaves(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.rotation, self.translation
 
+    def params(self) -> torch.Tensor:
+        """The current parameters as one detached ``(B, n)`` tensor: rotation, then translation."""
+        return torch.cat([self.rotation.detach(), self.translation.detach()], -1)
+
+    def set_params(self, params: torch.Tensor) -> None:
+        """Set the leaves from a ``(B, n)`` tensor laid out as :meth:`params`."""
+        with torch.no_grad():
+            self.rotation.copy_(params[:, : self.nrot])
+            self.translation.copy_(params[:, self.nrot :])
+
     def transform(self, params: torch.Tensor | None = None) -> torch.Tensor:
-        """The local motion of the current parameters, or of ``params`` ``(B, n)`` (rotation, translation)."""
+        """The local motion of the current parameters, or of ``params`` ``(B, n)`` laid out as :meth:`params`."""
         if params is None:
             rotation, translation = self.rotation, self.translation
         else:
-            rotation, translation = params[:, : self.rotation.shape[-1]], params[:, self.rotation.shape[-1] :]
+            rotation, translation = params[:, : self.nrot], params[:, self.nrot :]
         if self.kind == "se3":
             return se3_exp(torch.cat([translation, rotation], -1))
         if self.kind == "euler":
@@ -568,15 +578,6 @@ def _descend(
         with torch.no_grad():
             return _weighted_loss(loss_fn, render(Camera(intr, pose_of())), tgt, weights).to(dtype)
 
-    def params() -> torch.Tensor:
-        return torch.cat([x.detach() for x in motion.leaves()], -1)
-
-    def set_params(p: torch.Tensor) -> None:
-        nrot = motion.rotation.shape[-1]
-        with torch.no_grad():
-            motion.rotation.copy_(p[:, :nrot])
-            motion.translation.copy_(p[:, nrot:])
-
     for level, scale in enumerate(config.scales):
         render = _level_renderer(renderer, scale.physics)
         intr = _level_intrinsics(intrinsics, scale.size)
@@ -632,11 +633,11 @@ def _descend(
                             tgt,
                             weights,
                             loss_fn,
-                            params(),
+                            motion.params(),
                             pose_of,
-                            motion.rotation.shape[-1],
+                            motion.nrot,
                         )
-                        newton = _Newton(hessian, scale, motion.rotation.shape[-1])
+                        newton = _Newton(hessian, scale, motion.nrot)
             except GeometryError:  # a step put an X-ray source inside the CT: treat it like a divergence
                 loss = torch.full((B,), math.nan, dtype=dtype, device=device)
             finite = torch.isfinite(loss) & torch.isfinite(pose.detach()).flatten(1).all(1)
@@ -683,8 +684,8 @@ def _descend(
                 continue
             if newton is not None:
                 grad = torch.cat([leaf.grad for leaf in motion.leaves()], -1)  # type: ignore[misc]
-                update, converged = newton.step(params(), loss.detach(), grad)
-                set_params(update)
+                update, converged = newton.step(motion.params(), loss.detach(), grad)
+                motion.set_params(update)
                 if converged:  # the update is below the tolerance: the best pose scored is the result
                     stop_reason = "converged"
                     break

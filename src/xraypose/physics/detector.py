@@ -74,6 +74,8 @@ _TRUNCATE_SIGMAS = 4.0
 
 # Kernels up to this many taps are applied as a sum of shifted slices, longer ones with conv1d.
 _SHIFT_ADD_MAX_TAPS = 33
+# Axes up to this length are blurred by a dense matrix (the same reflect-padded filter, one matmul).
+_MATRIX_MAX_SIZE = 96
 
 
 def _is_real(value: object) -> bool:
@@ -382,6 +384,13 @@ def _blur_axis(x: torch.Tensor, sigma_px: float, dim: int) -> torch.Tensor:
     kernel = _gaussian_kernel(sigma_px, x.dtype, x.device)
     radius = (kernel.numel() - 1) // 2
     n = x.shape[dim]
+    if n <= _MATRIX_MAX_SIZE and kernel.numel() > _SHIFT_ADD_MAX_TAPS // 4:
+        # short axes (scatter's coarse grid): the blur as an n × n matrix, one matmul forward and back
+        rows = torch.arange(n, device=x.device)[:, None]
+        cols = _reflect_index(n, radius, x.device)[rows + torch.arange(kernel.numel(), device=x.device)]
+        matrix = torch.zeros(n, n, dtype=x.dtype, device=x.device)
+        matrix.index_put_((rows.expand_as(cols), cols), kernel.expand_as(cols), accumulate=True)
+        return (x.movedim(dim, -1) @ matrix.T).movedim(-1, dim)
     padded = x.index_select(dim, _reflect_index(n, radius, x.device))
     if kernel.numel() <= _SHIFT_ADD_MAX_TAPS:  # short kernels: a few fused passes beat conv1d's reshapes
         weights = kernel.tolist()

@@ -470,7 +470,7 @@ def test_image_loss_parse_grammar_and_round_trip() -> None:
     assert "pgncc:11" in repr(listed)
     assert L.ImageLoss.diffpose() == L.ImageLoss(L.DIFFPOSE_LOSS)
     assert L.ImageLoss.xvr().spec == "0.5*mncc:9,stride=1+0.5*pgncc:11,stride=1"
-    assert set(L.LOSS_TERMS) == {"ncc", "mncc", "pncc", "gncc", "pgncc", "mi", "ssim"}
+    assert set(L.LOSS_TERMS) == {"ncc", "mncc", "pncc", "gncc", "pgncc", "mi", "ssim", "pwls"}
 
 
 @pytest.mark.parametrize(
@@ -660,3 +660,89 @@ def test_quantum_noise_weights_follow_the_poisson_inverse_variance() -> None:
             quantum_noise_weights(p, **bad)
     with pytest.raises(InputError, match="target"):
         quantum_noise_weights(torch.ones(4, dtype=torch.int64))
+
+
+def _mirror_blur(image: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur with edge-not-repeated reflection (SciPy's 'mirror'), truncated at 4 sigma."""
+    return ndimage.gaussian_filter(image, sigma, mode="mirror", truncate=4.0)
+
+
+def test_poisson_wls_matches_a_hand_computed_weighted_fit() -> None:
+    rng = np.random.default_rng(3)
+    x = rng.uniform(0.2, 2.5, (1, 5, 6))
+    y = x + rng.normal(0, 0.05, x.shape)
+    # no scatter term: t ≈ a P, weights 1/t (no smoothing); the explained fraction of the weighted variance
+    p, t = np.exp(-x).ravel(), np.exp(-y).ravel()
+    w = 1.0 / t
+    a = (w * p * t).sum() / (w * p * p).sum()
+    mean = (w * t).sum() / w.sum()
+    expected = 1 - (w * (t - a * p) ** 2).sum() / (w * (t - mean) ** 2).sum()
+    got = L.poisson_wls(torch.from_numpy(x), torch.from_numpy(y), sigmas=None, smooth_px=1)
+    assert got.shape == (1,) and float(got[0]) == pytest.approx(expected, rel=1e-10)
+    # the registry term is 1 - that
+    loss = L.ImageLoss("pwls:sigmas=none,smooth_px=1")(torch.from_numpy(x), torch.from_numpy(y))
+    assert float(loss[0]) == pytest.approx(1 - expected, rel=1e-10)
+    # a mask multiplies the weights: pixels with zero weight do not count, whatever they hold
+    mask = torch.ones(1, 5, 6, dtype=torch.float64)
+    mask[:, :, 3:] = 0
+    wild = torch.from_numpy(y.copy())
+    wild[:, :, 3:] = 7.0
+    assert torch.allclose(
+        L.poisson_wls(torch.from_numpy(x), wild, mask=mask, sigmas=None, smooth_px=1),
+        L.poisson_wls(torch.from_numpy(x[:, :, :3]), torch.from_numpy(y[:, :, :3]), sigmas=None, smooth_px=1),
+    )
+
+
+def test_poisson_wls_fits_gain_and_kernel_scatter_and_finds_the_kernel_width() -> None:
+    rng = np.random.default_rng(4)
+    x = ndimage.uniform_filter(rng.uniform(0, 4, (96, 96)), 7)[None]
+    primary = np.exp(-x[0])
+    for frac in (0.05, 0.15):
+        # the X-ray: gain 0.8, scatter 0.3 × the primary blurred by sigma = frac × rows, made with SciPy
+        t = 0.8 * primary + 0.3 * _mirror_blur(primary, frac * 96)
+        y = torch.from_numpy(-np.log(t))[None]
+        # (the kernel is evaluated on a coarse grid, so the fit is not exact: ~1e-4 of the variance is left)
+        searched = 1 - float(L.poisson_wls(torch.from_numpy(x), y)[0])
+        known = 1 - float(L.poisson_wls(torch.from_numpy(x), y, sigmas=(frac,))[0])
+        assert searched < 2e-4 and known < 2e-4
+        # a width 1.5 times too large, a very wrong one or no scatter term leave more unexplained
+        for wrong in ((1.5 * frac,), (0.5 if frac < 0.1 else 0.02,), None):
+            left = 1 - float(L.poisson_wls(torch.from_numpy(x), y, sigmas=wrong)[0])
+            assert left > 4e-4 and left > 4 * searched, (wrong, left)
+        # a detector gain (an offset of -ln) changes nothing
+        assert torch.allclose(
+            L.poisson_wls(torch.from_numpy(x), y + 0.7), L.poisson_wls(torch.from_numpy(x), y)
+        )
+    # a misaligned DRR explains less
+    shifted = torch.from_numpy(np.roll(x, 3, axis=-1))
+    t = torch.from_numpy(-np.log(0.8 * primary + 0.3 * _mirror_blur(primary, 0.1 * 96)))[None]
+    assert float(L.poisson_wls(shifted, t)[0]) < float(L.poisson_wls(torch.from_numpy(x), t)[0]) - 0.01
+
+
+def test_poisson_wls_gradients() -> None:
+    torch.manual_seed(0)
+    x = (torch.rand(2, 12, 14, dtype=torch.float64) * 2).requires_grad_(True)
+    y = x.detach() + 0.05 * torch.randn(2, 12, 14, dtype=torch.float64)
+    # at a fixed kernel width the loss is smooth: exact gradients
+    assert torch.autograd.gradcheck(lambda a: L.poisson_wls(a, y, sigmas=(0.2,)), (x,))
+    assert torch.autograd.gradcheck(lambda a: L.poisson_wls(a, y, sigmas=None), (x,))
+    # with the width searched, the gradient is taken at the fitted width; batched items are independent
+    both = L.poisson_wls(x, y)
+    assert torch.allclose(both[1:], L.poisson_wls(x[1:], y[1:]))
+    both.sum().backward()
+    assert x.grad is not None and bool(torch.isfinite(x.grad).all())
+
+
+def test_poisson_wls_rejects_bad_arguments() -> None:
+    x = torch.rand(1, 8, 8)
+    for bad in (
+        {"smooth_px": 4},
+        {"smooth_px": 0},
+        {"sigmas": ()},
+        {"sigmas": (0.1, -1.0)},
+        {"sigmas": "wide"},
+    ):
+        with pytest.raises(InputError, match="poisson_wls"):
+            L.poisson_wls(x, x, **bad)
+    with pytest.raises(InputError, match="poisson_wls"):
+        L.poisson_wls(x, torch.rand(1, 8, 9))

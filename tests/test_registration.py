@@ -161,9 +161,9 @@ def test_presets():
     fine = preset("fine", seed=4)
     assert fine.scales[-1].size == 256 and fine.seed == 4 and fine.search is not None
     assert fine.scales[0] == RegistrationConfig().scales[0] and fine.scales[0].solver == "adam"
-    assert [(s.size, s.physics, s.solver, s.noise_weight) for s in fine.scales[1:]] == [
-        (128, "poly", "newton", 1.0),
-        (256, "poly", "newton", 1.0),
+    assert [(s.size, s.physics, s.solver, s.loss) for s in fine.scales[1:]] == [
+        (128, "poly", "newton", "pwls"),
+        (256, "poly", "newton", "pwls"),
     ]
     with pytest.raises(InputError, match="preset"):
         preset("best")
@@ -260,6 +260,41 @@ def test_noise_weighted_level_passes_the_weights_and_reports_the_weighted_loss(s
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(InputError, match="noise_weight"):
             Scale(64, 10, noise_weight=bad)
+
+
+def test_a_level_minimises_its_own_loss_and_reports_it(scene):
+    renderer, intr, truth, target, init, landmarks = scene
+    base, own = ImageLoss.parse("0.5*mncc+0.5*gncc"), ImageLoss.parse("pwls")
+    calls = {"config": 0, "level": 0}
+
+    def config_loss(pred, tgt, mask=None):
+        calls["config"] += 1
+        return base(pred, tgt, mask=mask)
+
+    def level_loss(pred, tgt, mask=None):
+        calls["level"] += 1
+        return own(pred, tgt, mask=mask)
+
+    config = RegistrationConfig(
+        scales=(Scale(32, 40, 2e-2, 2.0), Scale(64, 8, 5e-3, 0.5, solver="newton", loss=level_loss)),
+        loss=config_loss,
+        search=None,
+    )
+    result = register(renderer, target[:1], intr, init[:1], config)
+    assert float(mtre(result.pose, truth[:1], landmarks)[0]) < 1.0
+    assert calls["config"] > 0 and calls["level"] > 0
+    # the result's losses are the last level's own: at the result and at the initial pose
+    tgt = torch.nn.functional.interpolate(target[:1, None], size=(64, 64), mode="area")[:, 0]
+    with torch.no_grad():
+        at_result = own(renderer(Camera(intr.resized(64, 64), result.pose)), tgt)
+        at_init = own(renderer(Camera(intr.resized(64, 64), init[:1])), tgt)
+    assert torch.allclose(result.loss, at_result, atol=1e-6)
+    assert torch.allclose(result.initial_loss, at_init, atol=1e-6)
+    # a bad loss is refused when the level is made, naming it
+    with pytest.raises(InputError, match="nope"):
+        Scale(64, 5, loss="0.5*nope")
+    with pytest.raises(InputError, match="scale: loss"):
+        Scale(64, 5, loss=3)  # type: ignore[arg-type]
 
 
 def test_newton_levels_recover_a_known_pose_in_a_few_steps(scene):

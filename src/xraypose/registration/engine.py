@@ -81,6 +81,9 @@ class Scale:
             ``n_params`` extra renders in one batch at the start of the level); the learning rates are then
             the largest step per iteration (a trust radius). Converges in a few steps near the minimum, so it
             suits the last, most expensive levels; it cannot be combined with ``patches``.
+        loss: this level's loss (an :class:`xraypose.losses.ImageLoss` spec or a callable), or ``None`` for
+            the configuration's. E.g. ``"pwls"`` (:func:`xraypose.losses.poisson_wls`) on a last,
+            polychromatic, whole-detector level.
     """
 
     size: int
@@ -91,6 +94,7 @@ class Scale:
     physics: Physics | None = None
     noise_weight: float = 0.0
     solver: Solver = "adam"
+    loss: str | LossFn | None = None
 
     def __post_init__(self) -> None:
         if self.size < 4 or self.iterations < 0:
@@ -107,6 +111,14 @@ class Scale:
             raise InputError(f"scale: noise_weight must be a finite number ≥ 0, got {self.noise_weight!r}")
         if self.solver not in ("adam", "newton"):
             raise InputError(f"scale: solver must be 'adam' or 'newton', got {self.solver!r}")
+        if self.loss is not None and not (callable(self.loss) or isinstance(self.loss, str)):
+            raise InputError(f"scale: loss must be an ImageLoss spec, a callable or None, got {self.loss!r}")
+        if isinstance(self.loss, str):
+            from ..losses import ImageLoss
+
+            ImageLoss.parse(
+                self.loss
+            )  # a bad spec fails here, naming the problem, not in the middle of a run
         if self.solver == "newton" and self.patches is not None:
             raise InputError("scale: the 'newton' solver renders the whole detector; set patches=None")
 
@@ -175,9 +187,11 @@ class RegistrationConfig:
     in about 3 s per registration on a 2-core CPU. The ``"fine"`` preset keeps the search and the 64 px level,
     then renders polychromatically (``Scale.physics = "poly"``, so it needs a renderer with ``with_physics``,
     such as :class:`~xraypose.registration.VolumeRenderer`) at 128 px and at the full 256 px detector, each
-    with damped Newton steps (``Scale.solver = "newton"``, a few steps per level) on a loss whose pixels are
-    weighted by their quantum noise (``Scale.noise_weight = 1``): it lowers the error (the depth along the
-    principal ray is what a single view resolves worst) at about the default's time.
+    with damped Newton steps (``Scale.solver = "newton"``, a few steps per level) on the Poisson likelihood of
+    the X-ray's transmission with a fitted gain and kernel scatter (``Scale.loss = "pwls"``,
+    :func:`xraypose.losses.poisson_wls`; it needs X-rays in natural-log units, ``−ln(I/I0)``): it lowers the
+    error (the depth along the principal ray is what a single view resolves worst) at about the default's
+    time.
 
     Args:
         scales: the coarse-to-fine schedule.
@@ -215,14 +229,14 @@ class RegistrationConfig:
 
 
 #: Named configurations: ``"default"`` (``RegistrationConfig()``) and ``"fine"`` (after the default's search
-#: and 64 px level, polychromatic 128 and 256 px levels with Newton steps and quantum-noise weights).
+#: and 64 px level, polychromatic 128 and 256 px levels with Newton steps on the ``pwls`` likelihood).
 PRESETS: dict[str, RegistrationConfig] = {
     "default": RegistrationConfig(),
     "fine": RegistrationConfig(
         scales=(
             RegistrationConfig().scales[0],
-            Scale(128, 15, 1e-2, 1.0, physics="poly", solver="newton", noise_weight=1.0),
-            Scale(256, 6, 5e-3, 0.5, physics="poly", solver="newton", noise_weight=1.0),
+            Scale(128, 15, 1e-2, 1.0, physics="poly", solver="newton", loss="pwls"),
+            Scale(256, 6, 5e-3, 0.5, physics="poly", solver="newton", loss="pwls"),
         )
     ),
 }
@@ -284,6 +298,11 @@ def _loss_fn(loss: str | LossFn) -> LossFn:
     from ..losses import ImageLoss
 
     return ImageLoss.parse(loss)  # type: ignore[return-value]
+
+
+def _level_loss(scale: Scale, default: LossFn) -> LossFn:
+    """The loss a level minimises: its own :attr:`Scale.loss`, else the configuration's."""
+    return default if scale.loss is None else _loss_fn(scale.loss)
 
 
 def _level_intrinsics(intrinsics: Intrinsics, size: int) -> Intrinsics:
@@ -573,10 +592,10 @@ def _descend(
     n_div = 0
 
     def full_loss(
-        render: Renderer, intr: Intrinsics, tgt: torch.Tensor, weights: torch.Tensor | None
+        fn: LossFn, render: Renderer, intr: Intrinsics, tgt: torch.Tensor, weights: torch.Tensor | None
     ) -> torch.Tensor:
         with torch.no_grad():
-            return _weighted_loss(loss_fn, render(Camera(intr, pose_of())), tgt, weights).to(dtype)
+            return _weighted_loss(fn, render(Camera(intr, pose_of())), tgt, weights).to(dtype)
 
     for level, scale in enumerate(config.scales):
         render = _level_renderer(renderer, scale.physics)
@@ -584,13 +603,14 @@ def _descend(
         rows, cols = intr.rows, intr.cols
         tgt = _downsample(target, rows, cols)
         weights = _noise_weights(tgt, scale.noise_weight)
+        level_loss = _level_loss(scale, loss_fn)
         newton: _Newton | None = None
         opt: torch.optim.Optimizer | None = None
         # start from the best pose so far (motion holds it), scored at this level
         if scale.solver == "newton":  # its first step scores the starting pose (and builds the model)
             level_best = torch.full((B,), math.inf, dtype=dtype, device=device)
         else:
-            level_best = full_loss(render, intr, tgt, weights)
+            level_best = full_loss(level_loss, render, intr, tgt, weights)
         for leaf in motion.leaves():
             leaf.requires_grad_(True)
         if scale.solver == "adam":
@@ -621,10 +641,10 @@ def _descend(
                     pixels = random_patch_pixels(intr, n_patches, size, generator=gen).to(device)
                     pred, mask = scatter_pixels(render(camera, pixels), pixels, (rows, cols))
                     mask = mask if weights is None else mask * weights
-                    loss = loss_fn(pred, tgt, mask=mask).to(dtype)
+                    loss = level_loss(pred, tgt, mask=mask).to(dtype)
                 else:
                     pred = render(camera)
-                    loss = _weighted_loss(loss_fn, pred, tgt, weights).to(dtype)
+                    loss = _weighted_loss(level_loss, pred, tgt, weights).to(dtype)
                     if scale.solver == "newton" and newton is None:
                         hessian = _newton_hessian(
                             render,
@@ -632,7 +652,7 @@ def _descend(
                             pred.detach(),
                             tgt,
                             weights,
-                            loss_fn,
+                            level_loss,
                             motion.params(),
                             pose_of,
                             motion.nrot,
@@ -702,7 +722,7 @@ def _descend(
         if scale.patches is not None or not bool(torch.isfinite(level_best).all()):
             # score the last pose exactly and keep it where it beats the best one (always with sparse steps;
             # and where no step scored it, e.g. a Newton level of 0 iterations)
-            last = full_loss(render, intr, tgt, weights)
+            last = full_loss(level_loss, render, intr, tgt, weights)
             with torch.no_grad():
                 better = torch.isfinite(last) & (last < level_best)
                 best_rot[better] = motion.rotation[better]
@@ -720,13 +740,16 @@ def _descend(
     final_tgt = _downsample(target, final_intr.rows, final_intr.cols)
     final_weights = _noise_weights(final_tgt, config.scales[-1].noise_weight)
     render = _level_renderer(renderer, config.scales[-1].physics)
+    final_loss = _level_loss(config.scales[-1], loss_fn)
     with torch.no_grad():
         pose = pose_of().detach()
         # the best pose of the last level was scored there (a run stopped early is scored at the last level)
-        loss = level_best if scored else full_loss(render, final_intr, final_tgt, final_weights)
+        loss = level_best if scored else full_loss(final_loss, render, final_intr, final_tgt, final_weights)
         loss = torch.where(torch.isfinite(loss), loss, torch.full_like(loss, math.nan))
         scored_pose = init_pose if initial_pose is None else initial_pose
-        initial = _weighted_loss(loss_fn, render(Camera(final_intr, scored_pose)), final_tgt, final_weights)
+        initial = _weighted_loss(
+            final_loss, render(Camera(final_intr, scored_pose)), final_tgt, final_weights
+        )
         initial = initial.to(dtype)
     return RegistrationResult(
         pose=pose,

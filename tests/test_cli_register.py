@@ -81,6 +81,19 @@ def test_register_fine_preset(case, tmp_path: Path):
     assert float(mtre(pose, truth, landmarks)[0]) < 0.5 < float(mtre(init, truth, landmarks)[0])
 
 
+def test_register_fine_preset_refuses_a_display_image(case, tmp_path: Path):
+    """The ``fine`` preset's likelihood needs ``−ln(I/I0)``: an 8-bit display image is a clear user error."""
+    folder, ct, *_ = case
+    image = np.load(folder / "xray.npy")
+    np.save(tmp_path / "display.npy", np.round(255 * image / image.max()).astype(np.float32))
+    result = invoke(
+        "register", "--ct", ct, "--xray", tmp_path / "display.npy", "--camera", folder / "camera.json",
+        "--init", folder / "init.json", "--out", tmp_path / "r.json", "--preset", "fine",
+    )  # fmt: skip
+    assert_user_error(result, "natural-log units")
+    assert not (tmp_path / "r.json").exists()
+
+
 def test_register_bad_input(case, tmp_path: Path):
     folder, ct, *_ = case
     args = ["--ct", ct, "--camera", folder / "camera.json", "--init", folder / "init.json"]

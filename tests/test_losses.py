@@ -746,3 +746,6 @@ def test_poisson_wls_rejects_bad_arguments() -> None:
             L.poisson_wls(x, x, **bad)
     with pytest.raises(InputError, match="poisson_wls"):
         L.poisson_wls(x, torch.rand(1, 8, 9))
+    # an 8-bit display image is not a line integral: refused, naming the range found
+    with pytest.raises(InputError, match=r"natural-log units.*\[0, 255\]"):
+        L.poisson_wls(x, torch.linspace(0, 255, 64).view(1, 8, 8))

@@ -250,6 +250,9 @@ def quantum_noise_weights(target: torch.Tensor, gamma: float = 1.0, smooth_px: i
 #: Scatter-kernel widths :func:`poisson_wls` searches, as fractions of the image's row count (0.02 … 0.57
 #: in steps of 1.25×: 6 … 170 mm on a 300 mm detector).
 PWLS_SIGMAS: tuple[float, ...] = tuple(0.02 * 1.25**k for k in range(16))
+#: X-ray values :func:`poisson_wls` accepts as ``−ln(I/I0)``: a transmission from e (noise and scatter above
+#: the open beam) down to 1e-13.
+_PWLS_Y_RANGE = (-1.0, 30.0)
 #: :func:`poisson_wls` searches the kernel width on images pooled down to about this many rows.
 _PWLS_SEARCH_ROWS = 64
 
@@ -319,6 +322,10 @@ def poisson_wls(
 
     Returns:
         ``(B,)`` explained fraction of the variance, ``≤ 1``.
+
+    Raises:
+        InputError: for X-ray values outside ``[−1, 30]``, which are not natural-log line integrals (e.g. an
+            8-bit display image): the transmission model would be meaningless.
     """
     func = "poisson_wls"
     x, y = _pair(x, y, func)
@@ -334,6 +341,13 @@ def poisson_wls(
             grid = []
         if not grid or not all(math.isfinite(v) and v > 0 for v in grid):
             raise InputError(f"{func}: argument 'sigmas' must be positive numbers or None; got {sigmas!r}")
+    lo, hi = float(y.detach().min()), float(y.detach().max())
+    if not (_PWLS_Y_RANGE[0] <= lo and hi <= _PWLS_Y_RANGE[1]):
+        raise InputError(
+            f"{func}: the X-ray 'y' must hold line integrals −ln(I/I0) in natural-log units (about 0 … 15); "
+            f"got values in [{lo:.4g}, {hi:.4g}]. Give raw detector images as intensities (polarity "
+            "'intensity'), or use an NCC-type loss, which takes any monotonic display scale"
+        )
     primary = torch.exp(-x)
     t = torch.exp(-y)
     with torch.no_grad():

@@ -301,8 +301,8 @@ def poisson_wls(
     a detector gain ``a`` times the primary plus scatter shaped like the primary blurred by a broad Gaussian
     (the kernel model of scatter; ``b/a`` is the scatter-to-primary ratio). ``a`` and ``b`` are fitted in
     closed form; ``σ`` is the best of ``sigmas`` (fractions of the image's rows; searched on the images
-    average-pooled to about 64 rows), refined by a parabola in ``log σ`` (a profile fit: the gradient is
-    taken at the fitted ``σ``, which is exact at an optimum).
+    average-pooled to about 64 rows), refined by a parabola in ``log σ`` where the widths are equally spaced
+    in it (a profile fit: the gradient is taken at the fitted ``σ``, which is exact at an optimum).
     Pixels are weighted by the Poisson inverse variance of a transmission, ``1/t`` (``t`` box-smoothed over
     ``smooth_px`` pixels, so the weights do not follow the noise), times ``mask``. The result is
     ``1 − Σ w r² / Σ w (t − t̄)²`` with ``r`` the fit's residual: minimising ``1 − poisson_wls`` is the
@@ -372,11 +372,13 @@ def poisson_wls(
         c = costs[b].double().cpu()
         i = int(torch.nan_to_num(c, nan=math.inf).argmin())
         log_sigma = float(logs[i])
-        if 0 < i < len(grid) - 1:  # parabola through the three costs about the minimum
+        step = float(logs[i + 1] - logs[i]) if 0 < i < len(grid) - 1 else 0.0
+        if step > 0 and math.isclose(step, float(logs[i] - logs[i - 1]), rel_tol=1e-6):
+            # a parabola through the three costs about the minimum (widths in equal steps of log σ)
             curvature = float(c[i - 1] - 2 * c[i] + c[i + 1])
             if curvature > 0:
                 shift = 0.5 * float(c[i - 1] - c[i + 1]) / curvature
-                log_sigma += max(-0.5, min(0.5, shift)) * float(logs[i + 1] - logs[i])
+                log_sigma += max(-0.5, min(0.5, shift)) * step
         sl = slice(b, b + 1)
         scatter = _kernel_scatter(primary[sl], math.exp(log_sigma) * rows)
         out.append(1.0 - _pwls_fit(primary[sl], t[sl], weights[sl], scatter))

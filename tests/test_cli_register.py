@@ -92,6 +92,14 @@ def test_register_fine_preset_refuses_a_display_image(case, tmp_path: Path):
     )  # fmt: skip
     assert_user_error(result, "natural-log units")
     assert not (tmp_path / "r.json").exists()
+    # --loss replaces every level's loss, the fine preset's own too: an NCC-type loss takes the display scale
+    result = invoke(
+        "register", "--ct", ct, "--xray", tmp_path / "display.npy", "--camera", folder / "camera.json",
+        "--init", folder / "init.json", "--out", tmp_path / "r.json", "--preset", "fine",
+        "--loss", "0.5*mncc+0.5*gncc",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "r.json").read_text())["loss_spec"] == "0.5*mncc+0.5*gncc"
 
 
 def test_register_bad_input(case, tmp_path: Path):

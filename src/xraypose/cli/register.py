@@ -97,12 +97,15 @@ def register_command(
             "detector values, −log is taken."
         ),
     ] = Polarity.attenuation,
-    loss: Annotated[str | None, typer.Option(help="ImageLoss spec (default the engine's).")] = None,
+    loss: Annotated[
+        str | None, typer.Option(help="ImageLoss spec for every level (default: the preset's).")
+    ] = None,
     preset: Annotated[
         str,
         typer.Option(
             help="Registration settings: 'default' (search at 32 px, then 64 → 128 px) or 'fine' "
-            "(polychromatic 128 and 256 px levels with Newton steps and noise weights: more accurate)."
+            "(polychromatic 128 and 256 px levels with Newton steps on the Poisson likelihood with a fitted "
+            "scatter background: more accurate; needs −ln(I/I0) X-rays or --polarity intensity)."
         ),
     ] = "default",
     similarity: Annotated[
@@ -205,7 +208,9 @@ def register_command(
                 )
         elif refine is not Refine.cmaes:
             raise InputError("--refine: only with --similarity (the ProST pipeline)")
-        config = registration_preset(preset) if loss is None else registration_preset(preset, loss=loss)
+        config = registration_preset(preset)
+        if loss is not None:  # the given loss for every level, also those with their own (the fine preset's)
+            config = replace(config, loss=loss, scales=tuple(replace(s, loss=None) for s in config.scales))
         total = sum(s.iterations for s in config.scales)
         if config.search is not None:
             total += config.search.iterations

@@ -13,7 +13,8 @@ run with its defaults):
   a 9-start search at 32 px, then gradient descent (Adam) through the differentiable renderer in se(3) about
   the CT's centre, coarse to fine (64 → 128 px).
 - ``"diffpose-fine"``: the same with the ``"fine"`` preset: after the search and the 64 px level, polychromatic
-  128 and 256 px levels with damped Newton steps and quantum-noise pixel weights.
+  128 and 256 px levels with damped Newton steps on the Poisson likelihood with a fitted scatter background
+  (``"pwls"``).
 - ``"cmaes"``: :func:`register_cmaes`, the conventional derivative-free, intensity-based baseline of xReg
   (Grupp et al.): CMA-ES over the 6 pose parameters at 8× detector downsampling (population 100,
   σ = 15°, 15°, 30°, 50, 50, 100 mm), then BOBYQA (nlopt ``LN_BOBYQA``) from the best pose at 4×
@@ -532,7 +533,7 @@ def register_euler_gd(
 
 def _preset_method(name: str) -> MethodFn:
     """A method running :func:`register` with the preset ``name`` (``"default"``: search at 32 px, then
-    64 → 128 px; ``"fine"``: polychromatic Newton levels at 128 and 256 px after the 64 px one)."""
+    64 → 128 px; ``"fine"``: polychromatic Newton levels on ``pwls`` at 128 and 256 px after the 64 px one)."""
 
     def method(
         renderer: Renderer,

@@ -209,6 +209,21 @@ def scatter_pixels(
     return flat.view(b, h, w), mask.view(b, h, w)
 
 
+def _odd_side(smooth_px: object, func: str) -> int:
+    """``smooth_px`` checked as an odd box side ≥ 1."""
+    k = _integer(smooth_px, "smooth_px", func, low=1)
+    if k % 2 == 0:
+        raise InputError(f"{func}: argument 'smooth_px' must be odd; got {k}")
+    return k
+
+
+def _box_smooth(image: torch.Tensor, k: int) -> torch.Tensor:
+    """``(B, H, W)`` mean over ``k × k`` boxes (odd ``k``; the border averages the pixels it has)."""
+    if k == 1:
+        return image
+    return F.avg_pool2d(image[:, None], k, stride=1, padding=k // 2, count_include_pad=False)[:, 0]
+
+
 def quantum_noise_weights(target: torch.Tensor, gamma: float = 1.0, smooth_px: int = 5) -> torch.Tensor:
     """Pixel weights that follow the quantum noise of an X-ray in the ``−ln(I/I0)`` domain, for ``mask=``.
 
@@ -237,13 +252,9 @@ def quantum_noise_weights(target: torch.Tensor, gamma: float = 1.0, smooth_px: i
         target = target.unsqueeze(0)
     y = _image(target, "target", func)
     g = _number(gamma, "gamma", func, low=0.0, low_ok=False)
-    k = _integer(smooth_px, "smooth_px", func, low=1)
-    if k % 2 == 0:
-        raise InputError(f"{func}: argument 'smooth_px' must be odd; got {k}")
+    k = _odd_side(smooth_px, func)
     with torch.no_grad():
-        p = y.detach()
-        if k > 1:
-            p = F.avg_pool2d(p[:, None], k, stride=1, padding=k // 2, count_include_pad=False)[:, 0]
+        p = _box_smooth(y.detach(), k)
         return torch.exp(-g * (p - p.amin(dim=(-2, -1), keepdim=True)))
 
 
@@ -330,9 +341,7 @@ def poisson_wls(
     func = "poisson_wls"
     x, y = _pair(x, y, func)
     w = _mask(mask, x, func)
-    k = _integer(smooth_px, "smooth_px", func, low=1)
-    if k % 2 == 0:
-        raise InputError(f"{func}: argument 'smooth_px' must be odd; got {k}")
+    k = _odd_side(smooth_px, func)
     grid: list[float] = []
     if sigmas is not None:
         try:
@@ -351,10 +360,7 @@ def poisson_wls(
     primary = torch.exp(-x)
     t = torch.exp(-y)
     with torch.no_grad():
-        smooth = t.detach()
-        if k > 1:
-            smooth = F.avg_pool2d(smooth[:, None], k, stride=1, padding=k // 2, count_include_pad=False)[:, 0]
-        weights = 1.0 / smooth.clamp_min(torch.finfo(t.dtype).tiny)
+        weights = 1.0 / _box_smooth(t.detach(), k).clamp_min(torch.finfo(t.dtype).tiny)
         if w is not None:
             weights = weights * w
     if not grid:

@@ -113,12 +113,12 @@ class Scale:
             raise InputError(f"scale: solver must be 'adam' or 'newton', got {self.solver!r}")
         if self.loss is not None and not (callable(self.loss) or isinstance(self.loss, str)):
             raise InputError(f"scale: loss must be an ImageLoss spec, a callable or None, got {self.loss!r}")
-        if isinstance(self.loss, str):
+        if isinstance(
+            self.loss, str
+        ):  # a bad spec fails here, naming the problem, not in the middle of a run
             from ..losses import ImageLoss
 
-            ImageLoss.parse(
-                self.loss
-            )  # a bad spec fails here, naming the problem, not in the middle of a run
+            ImageLoss.parse(self.loss)
         if self.solver == "newton" and self.patches is not None:
             raise InputError("scale: the 'newton' solver renders the whole detector; set patches=None")
 
@@ -300,9 +300,9 @@ def _loss_fn(loss: str | LossFn) -> LossFn:
     return ImageLoss.parse(loss)  # type: ignore[return-value]
 
 
-def _level_loss(scale: Scale, default: LossFn) -> LossFn:
-    """The loss a level minimises: its own :attr:`Scale.loss`, else the configuration's."""
-    return default if scale.loss is None else _loss_fn(scale.loss)
+def _level_loss(scale: Scale, default: str | LossFn) -> LossFn:
+    """The loss a level minimises: its own :attr:`Scale.loss`, else the configuration's ``default``."""
+    return _loss_fn(default if scale.loss is None else scale.loss)
 
 
 def _level_intrinsics(intrinsics: Intrinsics, size: int) -> Intrinsics:

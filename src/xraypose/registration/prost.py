@@ -29,6 +29,7 @@ from .engine import (
     Scale,
     Step,
     _check_problem,
+    _level_loss,
     _score,
     register,
 )
@@ -221,7 +222,8 @@ def register_prost(
     else:
         gc = replace(config.gncc, seed=config.seed)
         refined = register(renderer, target, intrinsics, pose, gc, pivot_world=pivot, callback=callback)
-        initial = _score(renderer, target, intrinsics, init_pose, gc.loss, gc.scales[-1].size)
+        last = gc.scales[-1]
+        initial = _score(renderer, target, intrinsics, init_pose, _level_loss(last, gc.loss), last.size)
     if learned is None:
         return replace(refined, initial_loss=initial, seconds=time.perf_counter() - start)
     steps = [replace(s, level=PROST_LEVEL) for s in learned.trajectory]
